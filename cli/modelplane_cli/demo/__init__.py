@@ -1,0 +1,1 @@
+"""`modelplane demo`: the router in front of local stand-in providers."""

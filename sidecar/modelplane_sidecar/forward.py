@@ -1,0 +1,482 @@
+"""Execute a route decision: call candidates in order with timeouts, retries and fallback.
+
+Per attempt: the breaker is asked first (an open breaker skips the endpoint without waiting), the
+call runs under the attempt timeout and the request's overall deadline, and its failure is
+classified. Retriable failures are retried on the same endpoint with exponential backoff and full
+jitter (a Retry-After is honoured when it is short enough, otherwise the router falls back at
+once); everything else falls back to the next candidate. A 4xx the client caused ends the request
+with the upstream's own answer. Streams may fail over only until their first byte reaches the
+app; after that an upstream failure ends the app's stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .config import RetryOn
+from .errors import ApiError
+from .metrics import SidecarMetrics
+from .providers.base import FailureKind, StreamTranslator, Translated, UpstreamFailure, Usage
+from .routing import RouteDecision, RoutedRequest
+from .runtime import EndpointRuntime, Snapshot
+
+_RETRY_CLASS = {
+    FailureKind.CONNECT: RetryOn.CONNECT,
+    FailureKind.TIMEOUT: RetryOn.TIMEOUT,
+    FailureKind.RATE_LIMIT: RetryOn.RATE_LIMIT,
+    FailureKind.SERVER_ERROR: RetryOn.SERVER_ERROR,
+    FailureKind.PROTOCOL: RetryOn.SERVER_ERROR,
+}
+#: Failures that say the endpoint itself is unhealthy (they feed its circuit breaker).
+_UNHEALTHY = {
+    FailureKind.CONNECT,
+    FailureKind.TIMEOUT,
+    FailureKind.SERVER_ERROR,
+    FailureKind.PROTOCOL,
+}
+
+_SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    endpoint: str
+    attempt: int
+    outcome: str
+    status: int | None = None
+    kind: FailureKind | None = None
+
+    def describe(self) -> str:
+        if self.attempt == 0:
+            return f"{self.endpoint}: {self.outcome}"
+        return f"{self.endpoint} attempt {self.attempt}: {self.outcome}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "status": self.status,
+        }
+
+
+@dataclass(slots=True)
+class _StreamStart:
+    response: aiohttp.ClientResponse
+    translator: StreamTranslator
+    first: bytes
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything about one app request the forwarder needs besides the decision."""
+
+    http: web.Request
+    snapshot: Snapshot
+    request: RoutedRequest
+    decision: RouteDecision
+    received_at: float
+    decision_ms: float
+    request_id: str
+
+
+def cost_usd(endpoint: EndpointRuntime, usage: Usage) -> float:
+    price = endpoint.config.pricing
+    cached_price = price.cached_input_per_mtok
+    if cached_price is None:
+        cached_price = price.input_per_mtok
+    uncached = max(0, usage.input_tokens - usage.cached_input_tokens)
+    return (
+        uncached * price.input_per_mtok
+        + usage.cached_input_tokens * cached_price
+        + usage.output_tokens * price.output_per_mtok
+    ) / 1_000_000
+
+
+class Forwarder:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: SidecarMetrics,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._session = session
+        self._metrics = metrics
+        self._sleep = sleep
+        self._jitter = jitter
+
+    async def forward(self, ex: Exchange) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        alias = ex.decision.alias
+        retry = alias.retry
+        breaker_policy = alias.circuit_breaker
+        deadline = loop.time() + alias.timeout.total_seconds
+        records: list[AttemptRecord] = [
+            AttemptRecord(name, 0, f"removed: {why}") for name, why in ex.decision.removed
+        ]
+        attempts = 0
+        tried_endpoints = 0
+        last_client_failure: tuple[EndpointRuntime, UpstreamFailure] | None = None
+        deadline_hit = False
+
+        for endpoint in ex.decision.candidates:
+            if deadline_hit:
+                break
+            if tried_endpoints:
+                self._metrics.fallbacks.labels(alias.name, records[-1].endpoint).inc()
+            tried_endpoints += 1
+            for attempt in range(1, retry.max_attempts + 1):
+                breaker = endpoint.state.breaker
+                if not breaker.allow(breaker_policy):
+                    wait = breaker.retry_in(breaker_policy)
+                    records.append(
+                        AttemptRecord(
+                            endpoint.name,
+                            0,
+                            f"skipped: circuit breaker open (probe in {wait:.1f}s)",
+                        )
+                    )
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    deadline_hit = True
+                    break
+                attempts += 1
+                try:
+                    if ex.request.stream:
+                        start = await self._start_stream(ex, endpoint, remaining)
+                    else:
+                        translated = await self._call(ex, endpoint, remaining)
+                except UpstreamFailure as failure:
+                    failure.message = ex.snapshot.redact(failure.message.encode()).decode()
+                    self._metrics.attempts.labels(endpoint.name, failure.kind.value).inc()
+                    records.append(
+                        AttemptRecord(
+                            endpoint.name, attempt, failure.message, failure.status, failure.kind
+                        )
+                    )
+                    self._record_health(endpoint, failure.kind, breaker_policy)
+                    if failure.kind is FailureKind.CLIENT_ERROR:
+                        return self._client_error(ex, endpoint, failure, attempts, tried_endpoints)
+                    if failure.kind is FailureKind.CONTEXT_LENGTH:
+                        last_client_failure = (endpoint, failure)
+                        break
+                    delay = self._retry_delay(failure, attempt, retry.retry_on, ex)
+                    if delay is None or loop.time() + delay >= deadline:
+                        break
+                    self._metrics.retries.labels(endpoint.name).inc()
+                    await self._sleep(delay)
+                    continue
+                except BaseException:
+                    breaker.release_probe()
+                    raise
+                breaker.record_success(breaker_policy)
+                self._metrics.attempts.labels(endpoint.name, "ok").inc()
+                self._metrics.breaker_state.labels(endpoint.name).set(0)
+                headers = self._headers(ex, endpoint, attempts, tried_endpoints - 1)
+                if ex.request.stream:
+                    return await self._relay_stream(ex, endpoint, start, headers)
+                self._account(ex, endpoint, translated.usage, "ok")
+                return web.Response(
+                    body=translated.body, content_type="application/json", headers=headers
+                )
+
+        if deadline_hit:
+            records.append(
+                AttemptRecord("(router)", 0, f"deadline of {alias.timeout.total_seconds:g}s passed")
+            )
+        if last_client_failure is not None and records[-1].kind is FailureKind.CONTEXT_LENGTH:
+            # No larger-context endpoint could take over: the app gets the upstream's own answer.
+            too_small, answer = last_client_failure
+            return self._client_error(ex, too_small, answer, attempts, tried_endpoints)
+        raise self._exhausted(ex, records, attempts)
+
+    def _retry_delay(
+        self,
+        failure: UpstreamFailure,
+        attempt: int,
+        retry_on: tuple[RetryOn, ...],
+        ex: Exchange,
+    ) -> float | None:
+        """Seconds to wait before retrying the same endpoint, or None to fall back instead."""
+        retry = ex.decision.alias.retry
+        if attempt >= retry.max_attempts:
+            return None
+        cls = _RETRY_CLASS.get(failure.kind)
+        if cls is None or cls not in retry_on:
+            return None
+        ceiling = min(retry.backoff_max_seconds, retry.backoff_base_seconds * 2.0 ** (attempt - 1))
+        delay = ceiling * self._jitter()
+        if failure.retry_after is not None:
+            if failure.retry_after > retry.max_retry_after_seconds:
+                return None
+            delay = max(delay, failure.retry_after)
+        return delay
+
+    def _record_health(self, endpoint: EndpointRuntime, kind: FailureKind, policy: Any) -> None:
+        breaker = endpoint.state.breaker
+        if kind in _UNHEALTHY:
+            breaker.record_failure(policy)
+            opened = breaker.state.value != "closed"
+            self._metrics.breaker_state.labels(endpoint.name).set(1 if opened else 0)
+        elif kind is FailureKind.RATE_LIMIT:
+            # A rate limit says the endpoint is alive but busy: no verdict for the breaker.
+            breaker.release_probe()
+        else:
+            breaker.record_success(policy)
+
+    def _timeout_for(self, endpoint: EndpointRuntime, ex: Exchange, remaining: float) -> float:
+        per_attempt = ex.decision.alias.timeout.attempt_seconds
+        if per_attempt is None:
+            per_attempt = endpoint.config.timeouts.request_seconds
+        return min(per_attempt, remaining)
+
+    async def _call(self, ex: Exchange, endpoint: EndpointRuntime, remaining: float) -> Translated:
+        cfg = endpoint.config
+        req = endpoint.adapter.build_request(
+            cfg, endpoint.api_key, ex.request.op, ex.request.body, False
+        )
+        timeout = self._timeout_for(endpoint, ex, remaining)
+        endpoint.state.in_flight += 1
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._session.request(
+                    req.method,
+                    req.url,
+                    headers=req.headers,
+                    data=req.body,
+                    timeout=aiohttp.ClientTimeout(sock_connect=cfg.timeouts.connect_seconds),
+                ) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                    resp_headers = resp.headers
+        except TimeoutError:
+            raise UpstreamFailure(
+                FailureKind.TIMEOUT, f"no complete response within {timeout:.2f}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise _connection_failure(exc) from None
+        finally:
+            endpoint.state.in_flight -= 1
+        if status >= 300:
+            raise endpoint.adapter.classify_error(status, resp_headers, data)
+        return endpoint.adapter.translate_response(cfg, ex.request.op, data)
+
+    async def _start_stream(
+        self, ex: Exchange, endpoint: EndpointRuntime, remaining: float
+    ) -> _StreamStart:
+        """Open the upstream stream and read until the first bytes for the app exist."""
+        cfg = endpoint.config
+        req = endpoint.adapter.build_request(
+            cfg, endpoint.api_key, ex.request.op, ex.request.body, True
+        )
+        timeout = self._timeout_for(endpoint, ex, remaining)
+        resp: aiohttp.ClientResponse | None = None
+        endpoint.state.in_flight += 1
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self._session.request(
+                    req.method,
+                    req.url,
+                    headers=req.headers,
+                    data=req.body,
+                    timeout=aiohttp.ClientTimeout(sock_connect=cfg.timeouts.connect_seconds),
+                )
+                if resp.status >= 300:
+                    data = await resp.read()
+                    raise endpoint.adapter.classify_error(resp.status, resp.headers, data)
+                translator = endpoint.adapter.stream_translator(cfg, ex.request.op, ex.request.body)
+                first = b""
+                while not first:
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        first = translator.finish()
+                        if not first:
+                            raise UpstreamFailure(
+                                FailureKind.PROTOCOL, "upstream ended the stream without any data"
+                            )
+                        break
+                    first = translator.feed(chunk)
+            return _StreamStart(resp, translator, first)
+        except BaseException as exc:
+            endpoint.state.in_flight -= 1
+            if resp is not None:
+                resp.close()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamFailure(
+                    FailureKind.TIMEOUT, f"no first stream event within {timeout:.2f}s"
+                ) from None
+            if isinstance(exc, aiohttp.ClientError):
+                raise _connection_failure(exc) from None
+            raise
+
+    async def _relay_stream(
+        self,
+        ex: Exchange,
+        endpoint: EndpointRuntime,
+        start: _StreamStart,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        upstream = start.response
+        translator = start.translator
+        idle = endpoint.config.timeouts.stream_idle_seconds
+        loop = asyncio.get_running_loop()
+        outcome = "ok"
+        try:
+            await response.prepare(ex.http)
+            await response.write(start.first)
+            self._metrics.ttft.labels(ex.request.model, endpoint.name).observe(
+                time.perf_counter() - ex.received_at
+            )
+            broken: UpstreamFailure | None = None
+            try:
+                async with asyncio.timeout(idle) as idle_timer:
+                    while True:
+                        chunk = await upstream.content.readany()
+                        if not chunk:
+                            tail = translator.finish()
+                            if tail:
+                                await response.write(tail)
+                            break
+                        out = translator.feed(chunk)
+                        if out:
+                            await response.write(out)
+                        idle_timer.reschedule(loop.time() + idle)
+            except TimeoutError:
+                broken = UpstreamFailure(
+                    FailureKind.TIMEOUT, f"upstream stream went silent for more than {idle:g}s"
+                )
+            except UpstreamFailure as exc:
+                broken = exc
+            except aiohttp.ClientPayloadError as exc:
+                broken = _connection_failure(exc)
+            if broken is not None:
+                outcome = "stream_error"
+                message = ex.snapshot.redact(broken.message.encode()).decode()
+                endpoint.state.breaker.record_failure(ex.decision.alias.circuit_breaker)
+                self._metrics.stream_failures.labels(endpoint.name, broken.kind.value).inc()
+                await response.write(_stream_error_event(endpoint.name, message))
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            outcome = "client_disconnected"
+            self._metrics.client_disconnects.labels(ex.request.model).inc()
+            raise
+        finally:
+            upstream.close()
+            endpoint.state.in_flight -= 1
+            usage = translator.usage or Usage(estimated=True)
+            self._account(ex, endpoint, usage, outcome)
+        return response
+
+    def _account(self, ex: Exchange, endpoint: EndpointRuntime, usage: Usage, outcome: str) -> None:
+        m = self._metrics
+        model = ex.request.model
+        m.requests.labels(model, endpoint.name, ex.decision.rule, outcome).inc()
+        m.latency.labels(model, endpoint.name).observe(time.perf_counter() - ex.received_at)
+        if usage.input_tokens:
+            m.tokens.labels(endpoint.name, "input").inc(usage.input_tokens)
+        if usage.output_tokens:
+            m.tokens.labels(endpoint.name, "output").inc(usage.output_tokens)
+        cost = cost_usd(endpoint, usage)
+        if cost:
+            m.cost.labels(endpoint.name).inc(cost)
+
+    def _headers(
+        self, ex: Exchange, endpoint: EndpointRuntime, attempts: int, fallbacks: int
+    ) -> dict[str, str]:
+        return {
+            "x-modelplane-endpoint": endpoint.name,
+            "x-modelplane-rule": ex.decision.rule,
+            "x-modelplane-attempts": str(attempts),
+            "x-modelplane-fallbacks": str(fallbacks),
+            "x-modelplane-decision-ms": f"{ex.decision_ms:.3f}",
+            "x-modelplane-config-version": ex.snapshot.version,
+            "x-request-id": ex.request_id,
+        }
+
+    def _client_error(
+        self,
+        ex: Exchange,
+        endpoint: EndpointRuntime,
+        failure: UpstreamFailure,
+        attempts: int,
+        tried: int,
+    ) -> web.Response:
+        headers = self._headers(ex, endpoint, attempts, tried - 1)
+        status = failure.status or 400
+        self._metrics.requests.labels(
+            ex.request.model, endpoint.name, ex.decision.rule, "client_error"
+        ).inc()
+        if failure.client_body is not None:
+            body = ex.snapshot.redact(failure.client_body)
+            return web.Response(
+                status=status, body=body, content_type="application/json", headers=headers
+            )
+        return ApiError(status, failure.message, code="upstream_client_error").response(headers)
+
+    def _exhausted(self, ex: Exchange, records: list[AttemptRecord], attempts: int) -> ApiError:
+        alias = ex.decision.alias
+        failed = [r for r in records if r.kind is not None]
+        capacity_only = all(r.kind is FailureKind.RATE_LIMIT for r in failed)
+        self._metrics.requests.labels(alias.name, "", ex.decision.rule, "exhausted").inc()
+        causes = "; ".join(r.describe() for r in records) or "no candidate endpoints"
+        if attempts == 0:
+            status, code = 503, "no_endpoint_available"
+            message = f"No endpoint of model {alias.name!r} could be tried: {causes}"
+        else:
+            status = 503 if capacity_only else 502
+            code = "all_endpoints_failed"
+            message = (
+                f"All endpoints of model {alias.name!r} failed after {attempts} attempt(s): "
+                f"{causes}"
+            )
+        return ApiError(
+            status,
+            message,
+            type="upstream_error",
+            code=code,
+            extra={"attempts": [r.as_json() for r in records]},
+            headers={
+                "x-modelplane-attempts": str(attempts),
+                "x-modelplane-rule": ex.decision.rule,
+                "x-modelplane-decision-ms": f"{ex.decision_ms:.3f}",
+                "x-request-id": ex.request_id,
+            },
+        )
+
+
+def _connection_failure(exc: aiohttp.ClientError) -> UpstreamFailure:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamFailure(
+            FailureKind.CONNECT, f"cannot connect to {exc.host}:{exc.port}: {reason}"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamFailure(FailureKind.CONNECT, "upstream closed the connection without answer")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamFailure(FailureKind.CONNECT, "upstream connection broke mid-response")
+    detail = str(exc) or type(exc).__name__
+    return UpstreamFailure(FailureKind.CONNECT, f"connection to upstream failed: {detail}")
+
+
+def _stream_error_event(endpoint: str, message: str) -> bytes:
+    error = {
+        "message": f"The upstream stream from endpoint {endpoint!r} failed after it started: "
+        f"{message}. The response above is incomplete.",
+        "type": "upstream_error",
+        "param": None,
+        "code": "stream_interrupted",
+    }
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

@@ -1,0 +1,164 @@
+"""The one small interface every provider adapter implements.
+
+Apps speak OpenAI's API to the sidecar; each adapter translates one OpenAI operation into its
+provider's wire format and back (like Envoy AI Gateway's translators): the request body and
+headers, a complete response body, a stream of chunks, and an error response. Adding a provider
+means adding one module that implements `Adapter` and registering it in `providers/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from ..config import Endpoint
+
+
+class Operation(StrEnum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+class FailureKind(StrEnum):
+    """Why an attempt failed; decides retry, fallback and what the client is told."""
+
+    CONNECT = "connect"
+    TIMEOUT = "timeout"
+    RATE_LIMIT = "rate-limit"
+    SERVER_ERROR = "server-error"
+    #: The prompt does not fit this endpoint; another endpoint with a larger window may serve it.
+    CONTEXT_LENGTH = "context-length"
+    #: A 4xx the client caused (bad parameter, auth, content policy): passed through, no fallback.
+    CLIENT_ERROR = "client-error"
+    #: The upstream answered 2xx but the body or stream was not what its protocol promises.
+    PROTOCOL = "protocol"
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    #: True when the provider reported nothing and these numbers are the router's estimate.
+    estimated: bool = False
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class UpstreamFailure(Exception):
+    """A classified failure of one attempt at one endpoint."""
+
+    kind: FailureKind
+    message: str
+    #: HTTP status the upstream answered with, if it answered at all.
+    status: int | None = None
+    retry_after: float | None = None
+    #: An OpenAI-shaped error body to hand to the client unchanged when the failure is final.
+    client_body: bytes | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(slots=True)
+class Translated:
+    """A complete upstream response turned into the OpenAI body the client receives."""
+
+    body: bytes
+    usage: Usage = field(default_factory=Usage)
+
+
+class StreamTranslator(Protocol):
+    """Turns upstream stream bytes into OpenAI `chat.completion.chunk` SSE frames."""
+
+    usage: Usage | None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Consume raw upstream bytes; return SSE bytes ready for the client (maybe empty).
+
+        Raises UpstreamFailure when the upstream reports an error inside the stream.
+        """
+        ...
+
+    def finish(self) -> bytes:
+        """The upstream closed: return any final frames, or raise UpstreamFailure when the
+        stream ended before the protocol's end marker (a truncated stream)."""
+        ...
+
+
+class Adapter(Protocol):
+    """Translates between the OpenAI API the app speaks and one provider's API."""
+
+    name: str
+
+    def supports(self, op: Operation) -> bool: ...
+
+    def build_request(
+        self,
+        endpoint: Endpoint,
+        api_key: str | None,
+        op: Operation,
+        body: dict[str, Any],
+        stream: bool,
+    ) -> UpstreamRequest: ...
+
+    def translate_response(self, endpoint: Endpoint, op: Operation, body: bytes) -> Translated: ...
+
+    def stream_translator(
+        self, endpoint: Endpoint, op: Operation, request_body: dict[str, Any]
+    ) -> StreamTranslator: ...
+
+    def classify_error(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> UpstreamFailure: ...
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def status_kind(status: int) -> FailureKind:
+    """The retry class of an HTTP status shared by most providers."""
+    if status == 429:
+        return FailureKind.RATE_LIMIT
+    if status in (408,):
+        return FailureKind.TIMEOUT
+    if status >= 500:
+        return FailureKind.SERVER_ERROR
+    return FailureKind.CLIENT_ERROR
+
+
+def estimate_tokens(text_chars: int) -> int:
+    """A provider-neutral token estimate: about four characters per token for English text."""
+    return (text_chars + 3) // 4

@@ -1,0 +1,74 @@
+"""Server-Sent Events framing: split a byte stream into events, and write events back out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str | None
+    data: bytes
+    #: The event exactly as it arrived (terminator included), for zero-copy pass-through.
+    raw: bytes
+
+
+class SSEParser:
+    """Incremental parser: feed arbitrary chunks, get whole events back.
+
+    Tolerates `\\r\\n` line endings, comments (`: ping`), multi-line `data:` fields and events
+    split across chunks at any byte.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events: list[SSEEvent] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            raw = buffer[start : end + 2]
+            start = end + 2
+            event = _parse_event(raw)
+            if event is not None:
+                events.append(event)
+        self._buffer = buffer[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received after the last complete event (non-empty means a cut-off event)."""
+        return self._buffer
+
+
+def _parse_event(raw: bytes) -> SSEEvent | None:
+    name: str | None = None
+    data: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    if name is None and not data:
+        return None
+    return SSEEvent(name, b"\n".join(data), raw)
+
+
+def sse_data(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+DONE_FRAME = b"data: [DONE]\n\n"

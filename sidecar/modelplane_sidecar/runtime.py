@@ -1,0 +1,69 @@
+"""The live state of a loaded config: endpoints with their adapters, keys and health.
+
+A Snapshot is built once per config version and swapped in atomically; requests hold on to the
+snapshot they started with. Health state (circuit breakers, in-flight counts) is carried over to
+the next snapshot for every endpoint whose identity (provider, URL, model) did not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .breaker import CircuitBreaker
+from .config import Endpoint, ModelAlias, RouterConfig
+from .providers import adapter_for
+from .providers.base import Adapter
+
+
+@dataclass(slots=True)
+class EndpointState:
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    in_flight: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class EndpointRuntime:
+    config: Endpoint
+    adapter: Adapter
+    api_key: str | None = field(repr=False)
+    state: EndpointState
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def _identity(endpoint: Endpoint) -> tuple[str, str, str]:
+    return (endpoint.provider.value, endpoint.base_url, endpoint.model)
+
+
+@dataclass(slots=True, frozen=True)
+class Snapshot:
+    config: RouterConfig
+    version: str
+    endpoints: dict[str, EndpointRuntime]
+    aliases: dict[str, ModelAlias]
+    #: Credential values to scrub from anything the upstream echoes back.
+    secrets: tuple[bytes, ...] = field(repr=False)
+
+    @classmethod
+    def build(cls, config: RouterConfig, previous: Snapshot | None = None) -> Snapshot:
+        old = previous.endpoints if previous is not None else {}
+        endpoints: dict[str, EndpointRuntime] = {}
+        secrets: list[bytes] = []
+        for ep in config.endpoints:
+            api_key = ep.api_key.resolve() if ep.api_key is not None else None
+            if api_key:
+                secrets.append(api_key.encode())
+            before = old.get(ep.name)
+            keep = before is not None and _identity(before.config) == _identity(ep)
+            state = before.state if keep and before is not None else EndpointState()
+            endpoints[ep.name] = EndpointRuntime(ep, adapter_for(ep.provider), api_key, state)
+        aliases = {m.name: m for m in config.models}
+        return cls(config, config.version(), endpoints, aliases, tuple(secrets))
+
+    def redact(self, data: bytes) -> bytes:
+        for secret in self.secrets:
+            if secret in data:
+                data = data.replace(secret, b"[REDACTED]")
+        return data

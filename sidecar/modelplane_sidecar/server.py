@@ -1,0 +1,325 @@
+"""The sidecar's HTTP front door: OpenAI-compatible routes, health, readiness and metrics.
+
+Handlers are thin: read and lightly parse the body, ask the routing pipeline for a decision, hand
+it to the forwarder. The current config lives in a `ConfigHolder` whose snapshot is swapped
+atomically on reload; every request keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import ConfigError, RouterConfig, load_config_file
+from .errors import ApiError, bad_request
+from .forward import Exchange, Forwarder
+from .metrics import SidecarMetrics
+from .providers.base import Operation
+from .routing import RoutedRequest, decide
+from .runtime import Snapshot
+
+log = logging.getLogger("modelplane.sidecar")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ConfigHolder:
+    """Holds the serving snapshot and swaps it atomically when a valid new config arrives."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self._metrics = metrics
+        self.snapshot: Snapshot | None = None
+        self.source = "none"
+
+    def apply(self, config: RouterConfig, source: str) -> bool:
+        """Install `config`; returns False when it is identical to the one serving."""
+        previous = self.snapshot
+        if previous is not None and previous.version == config.version():
+            self._metrics.config_reloads.labels("unchanged").inc()
+            return False
+        snapshot = Snapshot.build(config, previous)
+        self.snapshot = snapshot
+        self.source = source
+        self._metrics.config_info.clear()
+        self._metrics.config_info.labels(snapshot.version, source).set(1)
+        self._metrics.config_reloads.labels("applied").inc()
+        log.info(
+            "config applied",
+            extra={"version": snapshot.version, "source": source},
+        )
+        return True
+
+    def reject(self, error: Exception, source: str) -> None:
+        self._metrics.config_reloads.labels("rejected").inc()
+        serving = self.snapshot.version if self.snapshot else "none"
+        log.error(
+            "config rejected, keeping version %s: %s", serving, error, extra={"source": source}
+        )
+
+
+class FileConfigWatcher:
+    """Reloads a config file when its content changes on disk, and on SIGHUP."""
+
+    def __init__(self, path: Path, holder: ConfigHolder, interval: float) -> None:
+        self._path = path
+        self._holder = holder
+        self._interval = interval
+        self._stamp: tuple[float, int] | None = self._stat()
+        self._task: asyncio.Task[None] | None = None
+
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    async def reload(self, reason: str) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            config = await loop.run_in_executor(None, load_config_file, self._path)
+        except ConfigError as exc:
+            self._holder.reject(exc, f"file ({reason})")
+            return False
+        return self._holder.apply(config, f"file:{self._path}")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            stamp = self._stat()
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                await self.reload("file changed")
+
+    def start(self, watch: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
+        except (NotImplementedError, RuntimeError, ValueError):
+            log.warning("SIGHUP reload unavailable in this thread")
+        if watch:
+            self._task = loop.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given and len(given) <= 128:
+        return given
+    return os.urandom(8).hex()
+
+
+class Sidecar:
+    """The aiohttp application and its collaborators, wired once at start."""
+
+    def __init__(self, holder: ConfigHolder, metrics: SidecarMetrics) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._forwarder: Forwarder | None = None
+
+    @property
+    def forwarder(self) -> Forwarder:
+        assert self._forwarder is not None, "sidecar not started"
+        return self._forwarder
+
+    def _current(self) -> Snapshot:
+        snapshot = self.holder.snapshot
+        if snapshot is None:
+            raise ApiError(
+                503, "The router has no configuration yet", type="server_error", code="not_ready"
+            )
+        return snapshot
+
+    def build_app(self, max_body_bytes: int) -> web.Application:
+        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors_middleware])
+        app.router.add_post("/v1/chat/completions", self._op_handler(Operation.CHAT))
+        app.router.add_post("/v1/completions", self._op_handler(Operation.COMPLETIONS))
+        app.router.add_post("/v1/embeddings", self._op_handler(Operation.EMBEDDINGS))
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent",),
+        )
+        self._forwarder = Forwarder(self._session, self.metrics)
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @web.middleware
+    async def _errors_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPRequestEntityTooLarge:
+            return ApiError(
+                413,
+                "Request body is larger than this router's hard limit of 512 MiB",
+                code="request_too_large",
+            ).response()
+        except web.HTTPException as exc:
+            if exc.status >= 400 and request.path.startswith("/v1/"):
+                code = exc.reason.lower().replace(" ", "_")
+                return ApiError(exc.status, exc.reason, code=code).response()
+            raise
+
+    def _op_handler(self, op: Operation) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.route(request, op)
+
+        return handle
+
+    async def route(self, http: web.Request, op: Operation) -> web.StreamResponse:
+        received = time.perf_counter()
+        snapshot = self._current()
+        limit = snapshot.config.server.max_body_bytes
+        if http.content_length is not None and http.content_length > limit:
+            raise ApiError(
+                413,
+                f"Request body of {http.content_length} bytes is larger than this router's "
+                f"limit of {limit} bytes",
+                code="request_too_large",
+            )
+        body = _parse_body(await _read_limited(http, limit))
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("The 'model' field is required and must be a string", param="model")
+        stream_flag = body.get("stream", False)
+        if not isinstance(stream_flag, bool):
+            raise bad_request("The 'stream' field must be a boolean", param="stream")
+        if op is Operation.EMBEDDINGS:
+            stream_flag = False
+        routed = RoutedRequest(op, body, http.headers, model, stream_flag)
+        decision = decide(snapshot, routed)
+        decision_s = time.perf_counter() - received
+        self.metrics.decision.observe(decision_s)
+        exchange = Exchange(
+            http, snapshot, routed, decision, received, decision_s * 1000, _request_id(http)
+        )
+        return await self.forwarder.forward(exchange)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        snapshot = self._current()
+        data = [
+            {"id": alias.name, "object": "model", "created": 0, "owned_by": "modelplane"}
+            for alias in snapshot.config.models
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        snapshot = self.holder.snapshot
+        if snapshot is None:
+            return _json({"status": "not ready", "reason": "no configuration yet"}, status=503)
+        return _json({"status": "ready", "configVersion": snapshot.version})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+
+
+async def _read_limited(http: web.Request, limit: int) -> bytes:
+    """Read the body, stopping as soon as it passes `limit` (chunked bodies have no length)."""
+    if http.content_length is not None:
+        return await http.read()
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await http.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                413,
+                f"Request body is larger than this router's limit of {limit} bytes",
+                code="request_too_large",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise bad_request("The request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def create_app(config: RouterConfig, metrics: SidecarMetrics | None = None) -> web.Application:
+    """An app serving `config`; the holder is reachable as app["holder"] for reloads in tests."""
+    metrics = metrics or SidecarMetrics()
+    holder = ConfigHolder(metrics)
+    holder.apply(config, "initial")
+    sidecar = Sidecar(holder, metrics)
+    app = sidecar.build_app(_HARD_BODY_LIMIT)
+    app[HOLDER_KEY] = holder
+    app[SIDECAR_KEY] = sidecar
+    return app
+
+
+#: aiohttp's own cap; the configured (reloadable) limit is enforced per request below it.
+_HARD_BODY_LIMIT = 512 * 1024 * 1024 + 1
+
+HOLDER_KEY = web.AppKey("holder", ConfigHolder)
+SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+
+
+async def serve_file(path: Path, host: str, port: int) -> None:
+    """Run the sidecar from a config file until SIGINT/SIGTERM."""
+    config = load_config_file(path)
+    app = create_app(config)
+    holder = app[HOLDER_KEY]
+    watcher = FileConfigWatcher(path, holder, config.server.watch_interval_seconds)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    watcher.start(config.server.watch_config)
+    log.info("modelplane sidecar listening on http://%s:%d (config %s)", host, port, path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await watcher.stop()
+        await runner.cleanup()
