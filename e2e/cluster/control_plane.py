@@ -466,13 +466,15 @@ def _apiserver_ready(server: str, admin: CertFiles) -> bool:
 
 
 def _is_running(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    if stat.rsplit(")", 1)[1].split()[0] != "Z":
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # reap the zombie if it is our own child
+    return False
 
 
 def _is_process_of(pid: int, binary: Path) -> bool:

@@ -1,0 +1,178 @@
+"""A MutatingWebhookConfiguration in url mode, served by a local process, is called on Pod create.
+
+This is how the operator's injection webhook is tested here: there are no Services to route to
+and no kubelet, but the apiserver calls `clientConfig.url` and returns the mutated Pod.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from cluster import Cluster, CommandFailed
+
+ANNOTATION = "e2e.modelplane.io/injected"
+
+
+class AdmissionRecorder(ThreadingHTTPServer):
+    """Answers every AdmissionReview by adding ANNOTATION, and remembers what it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _AdmissionHandler)
+        self.reviews: list[dict[str, Any]] = []
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}/mutate"
+
+
+class _AdmissionHandler(BaseHTTPRequestHandler):
+    server: AdmissionRecorder
+
+    def do_POST(self) -> None:
+        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.reviews.append(review)
+        patch = [{"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION: "true"}}]
+        body = json.dumps(
+            {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "response": {
+                    "uid": review["request"]["uid"],
+                    "allowed": True,
+                    "patchType": "JSONPatch",
+                    "patch": base64.b64encode(json.dumps(patch).encode()).decode(),
+                },
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output quiet
+
+
+@pytest.fixture
+def webhook_server(cluster: Cluster) -> Iterator[AdmissionRecorder]:
+    cert = cluster.issue_serving_cert("e2e-webhook")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert.cert, cert.key)
+    server = AdmissionRecorder()
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def webhook_configuration(
+    cluster: Cluster, webhook_server: AdmissionRecorder, namespace: str
+) -> Iterator[str]:
+    # Unique per run and scoped to the test namespace: a leftover failurePolicy=Fail webhook
+    # would block every Pod in the cluster.
+    name = f"e2e-inject-{uuid.uuid4().hex[:8]}"
+    configuration = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            {
+                "name": "inject.e2e.modelplane.io",
+                "clientConfig": {
+                    "url": webhook_server.url,
+                    "caBundle": cluster.issue_serving_cert("e2e-webhook").ca_bundle,
+                },
+                "rules": [
+                    {
+                        "operations": ["CREATE"],
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "resources": ["pods"],
+                    }
+                ],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 10,
+            }
+        ],
+    }
+    cluster.kubectl("create", "-f", "-", input=json.dumps(configuration))
+    yield name
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
+
+
+def pod(name: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+        }
+    )
+
+
+def wait_until_webhook_active(cluster: Cluster, namespace: str) -> None:
+    # The apiserver picks up new webhook configurations from an informer, a moment after create.
+    # Server-side dry run goes through admission (sideEffects: None allows it) but stores nothing.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probe = cluster.kubectl_json(
+            "create", "--dry-run=server", "-n", namespace, "-f", "-", input=pod("probe")
+        )
+        if ANNOTATION in probe["metadata"].get("annotations", {}):
+            return
+        time.sleep(0.5)
+    pytest.fail("the webhook configuration never became active")
+
+
+def test_webhook_mutates_pod_on_create(
+    cluster: Cluster,
+    namespace: str,
+    webhook_server: AdmissionRecorder,
+    webhook_configuration: str,
+) -> None:
+    wait_until_webhook_active(cluster, namespace)
+    webhook_server.reviews.clear()
+
+    created = cluster.kubectl_json("create", "-n", namespace, "-f", "-", input=pod("app"))
+
+    assert created["metadata"]["annotations"] == {ANNOTATION: "true"}
+    stored = cluster.kubectl_json("get", "pod", "app", "-n", namespace)
+    assert stored["metadata"]["annotations"] == {ANNOTATION: "true"}
+    (review,) = webhook_server.reviews
+    request = review["request"]
+    assert (request["operation"], request["namespace"]) == ("CREATE", namespace)
+    assert request["kind"] == {"group": "", "version": "v1", "kind": "Pod"}
+    assert request["object"]["metadata"]["name"] == "app"
+
+
+def test_pod_create_fails_when_the_webhook_is_down(
+    cluster: Cluster,
+    namespace: str,
+    webhook_server: AdmissionRecorder,
+    webhook_configuration: str,
+) -> None:
+    wait_until_webhook_active(cluster, namespace)
+    webhook_server.shutdown()
+    webhook_server.server_close()
+
+    with pytest.raises(CommandFailed) as failure:
+        cluster.kubectl("create", "-n", namespace, "-f", "-", input=pod("orphan"))
+
+    assert 'failed calling webhook "inject.e2e.modelplane.io"' in str(failure.value)
