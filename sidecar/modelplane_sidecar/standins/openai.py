@@ -12,6 +12,7 @@ import base64
 import struct
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,8 @@ class OpenAIStandIn:
     script: deque[Behaviour] = field(default_factory=deque)
     received: list[Received] = field(default_factory=list)
     chunk_delay: float = 0.0
+    #: Requests whose connection the caller dropped before the stand-in finished answering.
+    cancelled: int = 0
 
     def then(self, *behaviours: Behaviour) -> OpenAIStandIn:
         self.script.extend(behaviours)
@@ -75,7 +78,7 @@ class OpenAIStandIn:
         return self.script.popleft() if self.script else self.default
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_cancelled])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -83,6 +86,16 @@ class OpenAIStandIn:
         return app
 
     # -- handlers -------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _count_cancelled(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled += 1
+            raise
 
     async def _prelude(self, request: web.Request) -> tuple[dict[str, Any], Behaviour]:
         body = orjson.loads(await request.read())

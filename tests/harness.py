@@ -1,0 +1,107 @@
+"""Test harness: stand-in upstreams and a real sidecar on loopback ports.
+
+Servers run on an event loop in a background thread so that both the synchronous and the async
+`openai` SDK clients can talk to them over real sockets, exactly as an app would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from modelplane_sidecar.config import parse_config
+from modelplane_sidecar.server import HOLDER_KEY, SIDECAR_KEY, ConfigHolder, Sidecar, create_app
+from modelplane_sidecar.standins import start_site
+from modelplane_sidecar.standins.openai import OpenAIStandIn
+
+T = TypeVar("T")
+
+
+class ServerThread:
+    """An asyncio loop in a daemon thread hosting any number of aiohttp apps."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._runners: list[web.AppRunner] = []
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def serve(self, app: web.Application) -> int:
+        runner, port = self.run(start_site(app))
+        self._runners.append(runner)
+        return port
+
+    def close(self) -> None:
+        for runner in reversed(self._runners):
+            self.run(runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class Router:
+    """A running sidecar plus handles on its config holder and metrics."""
+
+    def __init__(self, servers: ServerThread, app: web.Application, port: int) -> None:
+        self.servers = servers
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def holder(self) -> ConfigHolder:
+        return self.app[HOLDER_KEY]
+
+    @property
+    def sidecar(self) -> Sidecar:
+        return self.app[SIDECAR_KEY]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.sidecar.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+class Upstreams:
+    """Factory for stand-ins and routers, all torn down at the end of the test."""
+
+    def __init__(self, servers: ServerThread) -> None:
+        self.servers = servers
+
+    def openai(self, name: str, **kwargs: Any) -> tuple[OpenAIStandIn, str]:
+        standin = OpenAIStandIn(name=name, **kwargs)
+        port = self.servers.serve(standin.app())
+        return standin, f"http://127.0.0.1:{port}/v1"
+
+    def router(self, config: dict[str, Any]) -> Router:
+        app = create_app(parse_config(config, "test config"))
+        port = self.servers.serve(app)
+        return Router(self.servers, app, port)
+
+
+def endpoint(name: str, url: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "provider": "openai", "baseUrl": url, "model": f"{name}-model", **extra}
+
+
+def chain_config(
+    endpoints: list[dict[str, Any]], alias: str = "chat", **alias_settings: Any
+) -> dict[str, Any]:
+    """A config with one alias whose fallback chain is `endpoints` in order."""
+    settings: dict[str, Any] = {
+        "retry": {"maxAttempts": 2, "backoffBaseSeconds": 0.01, "backoffMaxSeconds": 0.05},
+        "circuitBreaker": {"failureThreshold": 50, "openSeconds": 30},
+    }
+    settings.update(alias_settings)
+    return {
+        "apiVersion": "modelplane.io/v1alpha1",
+        "kind": "RouterConfig",
+        "endpoints": endpoints,
+        "models": [{"name": alias, "endpoints": [e["name"] for e in endpoints], **settings}],
+    }
