@@ -25,9 +25,14 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests
 
+# Prints how long the binary build (a no-op when cached) and the e2e suite took, for CI logs.
 e2e: $(STAMP)
-	bash e2e/cluster/build-binaries.sh
-	$(BIN)/pytest -q e2e
+	@t0=$$(date +%s); echo "[e2e] $$(date -u +%FT%TZ) build or reuse control-plane binaries"; \
+	bash e2e/cluster/build-binaries.sh || { echo "[e2e] binary build FAILED"; exit 1; }; \
+	echo "[e2e] control-plane binaries ready in $$(( $$(date +%s) - t0 ))s"
+	@t0=$$(date +%s); echo "[e2e] $$(date -u +%FT%TZ) run e2e tests"; \
+	$(BIN)/pytest -q e2e; rc=$$?; \
+	echo "[e2e] e2e tests took $$(( $$(date +%s) - t0 ))s (exit $$rc)"; exit $$rc
 
 test: lint unit e2e
 

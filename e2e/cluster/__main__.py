@@ -54,7 +54,7 @@ def _up(workdir: Path, controller_manager: bool) -> int:
     print(f"kube-apiserver ready at {cluster.server}", file=sys.stderr)
     print(f"logs: {cluster.log_dir}", file=sys.stderr)
     print(f"use it:  export KUBECONFIG={cluster.kubeconfig}", file=sys.stderr)
-    print(f'or:      eval "$({sys.argv[0]} env)"', file=sys.stderr)
+    print('or:      eval "$(e2e/cluster/dev-cluster env)"', file=sys.stderr)
     return 0
 
 
