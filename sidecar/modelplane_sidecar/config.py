@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -52,6 +53,71 @@ class Provider(StrEnum):
 
     OPENAI = "openai"
     OPENAI_COMPATIBLE = "openai-compatible"
+    ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
+    AZURE_OPENAI = "azure-openai"
+    BEDROCK = "bedrock"
+
+
+class ContentPolicy(StrEnum):
+    """What the router does when a provider's content policy refuses a prompt."""
+
+    #: The app gets the provider's refusal (as an OpenAI-shaped error or `content_filter`).
+    PASS_THROUGH = "passThrough"
+    #: The next endpoint of the chain may try the prompt instead.
+    FALLBACK = "fallback"
+
+
+class ProviderOptions(_Model):
+    """Settings every provider accepts in `Endpoint.options`."""
+
+    content_policy: ContentPolicy = ContentPolicy.PASS_THROUGH
+
+
+class OpenAIOptions(ProviderOptions):
+    #: Ask streams for a final usage chunk (`stream_options.include_usage`). Turn off for servers
+    #: that reject the field; usage is then estimated (and marked so) when the stream has none.
+    stream_usage: bool = True
+
+
+class AnthropicOptions(ProviderOptions):
+    #: The `anthropic-version` header.
+    version: str = Field(default="2023-06-01", min_length=1)
+    #: `max_tokens` is required by the Messages API; used when the app sets none.
+    max_tokens: int = Field(default=4096, gt=0)
+
+
+class GeminiOptions(ProviderOptions):
+    #: `apiKey`: the key goes in `x-goog-api-key` (Google AI Studio, Vertex express mode);
+    #: `bearer`: `Authorization: Bearer` with an OAuth access token (Vertex AI).
+    auth: Literal["apiKey", "bearer"] = "apiKey"
+
+
+class AzureOpenAIOptions(ProviderOptions):
+    #: The deployment name in the URL; defaults to the endpoint's `model`.
+    deployment: str | None = Field(default=None, min_length=1)
+    api_version: str = Field(default="2024-10-21", min_length=1)
+    #: `apiKey`: the `api-key` header; `bearer`: `Authorization: Bearer` (Entra ID token).
+    auth: Literal["apiKey", "bearer"] = "apiKey"
+
+
+class BedrockOptions(ProviderOptions):
+    #: AWS region for SigV4; defaults to the endpoint's `region`, then to the one in `baseUrl`.
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$")
+    #: Profile in the shared AWS config/credentials files (default: AWS_PROFILE or `default`).
+    profile: str | None = Field(default=None, min_length=1)
+    #: `inferenceConfig.maxTokens` when the app sets none (the model's default otherwise).
+    max_tokens: int | None = Field(default=None, gt=0)
+
+
+PROVIDER_OPTIONS: dict[Provider, type[ProviderOptions]] = {
+    Provider.OPENAI: OpenAIOptions,
+    Provider.OPENAI_COMPATIBLE: OpenAIOptions,
+    Provider.ANTHROPIC: AnthropicOptions,
+    Provider.GEMINI: GeminiOptions,
+    Provider.AZURE_OPENAI: AzureOpenAIOptions,
+    Provider.BEDROCK: BedrockOptions,
+}
 
 
 class ApiKeySource(_Model):
@@ -123,8 +189,9 @@ class Endpoint(_Model):
     context_window: int | None = Field(default=None, gt=0)
     #: Extra headers sent upstream on every call (e.g. an organisation id). Not secret.
     headers: dict[str, str] = Field(default_factory=dict)
-    #: Provider-specific settings (e.g. Azure's apiVersion/deployment, Bedrock's region).
-    options: dict[str, Any] = Field(default_factory=dict)
+    #: Provider-specific settings (e.g. Azure's apiVersion/deployment, Bedrock's region): see
+    #: the `*Options` models above. Validated on load and stored with every default filled in.
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("base_url")
     @classmethod
@@ -132,6 +199,21 @@ class Endpoint(_Model):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"baseUrl must start with http:// or https:// (got {v!r})")
         return v.rstrip("/")
+
+    @field_validator("options")
+    @classmethod
+    def _provider_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        provider = info.data.get("provider")
+        if provider is None:
+            return v
+        model = PROVIDER_OPTIONS[provider]
+        try:
+            parsed = model.model_validate(v)
+        except ValidationError as exc:
+            raise ValueError(
+                f"options for provider {provider.value}: {_format_validation_error(exc)}"
+            ) from None
+        return parsed.model_dump(mode="json", by_alias=True)
 
     def label(self) -> str:
         return self.name

@@ -25,7 +25,14 @@ from aiohttp import web
 from .config import RetryOn
 from .errors import ApiError
 from .metrics import SidecarMetrics
-from .providers.base import FailureKind, StreamTranslator, Translated, UpstreamFailure, Usage
+from .providers.base import (
+    ANOTHER_ENDPOINT_MAY_SERVE,
+    FailureKind,
+    StreamTranslator,
+    Translated,
+    UpstreamFailure,
+    Usage,
+)
 from .routing import RouteDecision, RoutedRequest
 from .runtime import EndpointRuntime, Snapshot
 
@@ -169,7 +176,7 @@ class Forwarder:
                     self._record_health(endpoint, failure.kind, breaker_policy)
                     if failure.kind is FailureKind.CLIENT_ERROR:
                         return self._client_error(ex, endpoint, failure, attempts, tried_endpoints)
-                    if failure.kind is FailureKind.CONTEXT_LENGTH:
+                    if failure.kind in ANOTHER_ENDPOINT_MAY_SERVE:
                         last_client_failure = (endpoint, failure)
                         break
                     delay = self._retry_delay(failure, attempt, retry.retry_on, ex)
@@ -196,8 +203,8 @@ class Forwarder:
             records.append(
                 AttemptRecord("(router)", 0, f"deadline of {alias.timeout.total_seconds:g}s passed")
             )
-        if last_client_failure is not None and records[-1].kind is FailureKind.CONTEXT_LENGTH:
-            # No larger-context endpoint could take over: the app gets the upstream's own answer.
+        if last_client_failure is not None and records[-1].kind in ANOTHER_ENDPOINT_MAY_SERVE:
+            # No other endpoint could take over: the app gets the upstream's own answer.
             too_small, answer = last_client_failure
             return self._client_error(ex, too_small, answer, attempts, tried_endpoints)
         raise self._exhausted(ex, records, attempts)
@@ -230,8 +237,8 @@ class Forwarder:
             breaker.record_failure(policy)
             opened = breaker.state.value != "closed"
             self._metrics.breaker_state.labels(endpoint.name).set(1 if opened else 0)
-        elif kind is FailureKind.RATE_LIMIT:
-            # A rate limit says the endpoint is alive but busy: no verdict for the breaker.
+        elif kind in (FailureKind.RATE_LIMIT, FailureKind.UNSUPPORTED):
+            # Alive but busy, or never called: no verdict for the breaker.
             breaker.release_probe()
         else:
             breaker.record_success(policy)
@@ -245,7 +252,7 @@ class Forwarder:
     async def _call(self, ex: Exchange, endpoint: EndpointRuntime, remaining: float) -> Translated:
         cfg = endpoint.config
         req = endpoint.adapter.build_request(
-            cfg, endpoint.api_key, ex.request.op, ex.request.body, False
+            cfg, endpoint.credentials, ex.request.op, ex.request.body, False
         )
         timeout = self._timeout_for(endpoint, ex, remaining)
         endpoint.state.in_flight += 1
@@ -270,8 +277,8 @@ class Forwarder:
         finally:
             endpoint.state.in_flight -= 1
         if status >= 300:
-            raise endpoint.adapter.classify_error(status, resp_headers, data)
-        return endpoint.adapter.translate_response(cfg, ex.request.op, data)
+            raise endpoint.adapter.classify_error(cfg, status, resp_headers, data)
+        return endpoint.adapter.translate_response(cfg, ex.request.op, data, ex.request.body)
 
     async def _start_stream(
         self, ex: Exchange, endpoint: EndpointRuntime, remaining: float
@@ -279,7 +286,7 @@ class Forwarder:
         """Open the upstream stream and read until the first bytes for the app exist."""
         cfg = endpoint.config
         req = endpoint.adapter.build_request(
-            cfg, endpoint.api_key, ex.request.op, ex.request.body, True
+            cfg, endpoint.credentials, ex.request.op, ex.request.body, True
         )
         timeout = self._timeout_for(endpoint, ex, remaining)
         resp: aiohttp.ClientResponse | None = None
@@ -295,7 +302,7 @@ class Forwarder:
                 )
                 if resp.status >= 300:
                     data = await resp.read()
-                    raise endpoint.adapter.classify_error(resp.status, resp.headers, data)
+                    raise endpoint.adapter.classify_error(cfg, resp.status, resp.headers, data)
                 translator = endpoint.adapter.stream_translator(cfg, ex.request.op, ex.request.body)
                 first = b""
                 while not first:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .breaker import CircuitBreaker
 from .config import Endpoint, ModelAlias, RouterConfig
 from .providers import adapter_for
-from .providers.base import Adapter
+from .providers.base import Adapter, Credentials
 
 
 @dataclass(slots=True)
@@ -25,7 +25,7 @@ class EndpointState:
 class EndpointRuntime:
     config: Endpoint
     adapter: Adapter
-    api_key: str | None = field(repr=False)
+    credentials: Credentials = field(repr=False)
     state: EndpointState
 
     @property
@@ -53,12 +53,13 @@ class Snapshot:
         secrets: list[bytes] = []
         for ep in config.endpoints:
             api_key = ep.api_key.resolve() if ep.api_key is not None else None
-            if api_key:
-                secrets.append(api_key.encode())
+            adapter = adapter_for(ep.provider)
+            credentials = adapter.credentials(ep, api_key)
+            secrets.extend(s.encode() for s in credentials.secrets())
             before = old.get(ep.name)
             keep = before is not None and _identity(before.config) == _identity(ep)
             state = before.state if keep and before is not None else EndpointState()
-            endpoints[ep.name] = EndpointRuntime(ep, adapter_for(ep.provider), api_key, state)
+            endpoints[ep.name] = EndpointRuntime(ep, adapter, credentials, state)
         aliases = {m.name: m for m in config.models}
         return cls(config, config.version(), endpoints, aliases, tuple(secrets))
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+import orjson
+
 from ..config import Endpoint
 
 
@@ -37,6 +39,19 @@ class FailureKind(StrEnum):
     CLIENT_ERROR = "client-error"
     #: The upstream answered 2xx but the body or stream was not what its protocol promises.
     PROTOCOL = "protocol"
+    #: The provider's content policy refused the prompt, and the endpoint is configured
+    #: (`options.contentPolicy: fallback`) to let another endpoint try it.
+    CONTENT_POLICY = "content-policy"
+    #: This provider's API cannot express the request (e.g. `n` > 1 on Anthropic); nothing was
+    #: sent, and another endpoint of the chain may serve it.
+    UNSUPPORTED = "unsupported"
+
+
+#: Failures that end the attempt at one endpoint without a verdict on the request: the next
+#: candidate may serve it, and when none can, the app gets this endpoint's own answer.
+ANOTHER_ENDPOINT_MAY_SERVE = frozenset(
+    {FailureKind.CONTEXT_LENGTH, FailureKind.CONTENT_POLICY, FailureKind.UNSUPPORTED}
+)
 
 
 @dataclass(slots=True)
@@ -47,6 +62,31 @@ class Usage:
     cache_write_tokens: int = 0
     #: True when the provider reported nothing and these numbers are the router's estimate.
     estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AwsCredentials:
+    """AWS keys for SigV4 signing (Bedrock), resolved once when a config is loaded."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What an adapter authenticates its requests with, resolved once per config snapshot."""
+
+    #: An API key or bearer token, sent the way the provider expects it.
+    api_key: str | None = field(default=None, repr=False)
+    aws: AwsCredentials | None = None
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value in here, to scrub from anything an upstream echoes back."""
+        found = [self.api_key]
+        if self.aws is not None:
+            found += [self.aws.secret_access_key, self.aws.session_token]
+        return tuple(s for s in found if s)
 
 
 @dataclass(slots=True)
@@ -106,23 +146,31 @@ class Adapter(Protocol):
 
     def supports(self, op: Operation) -> bool: ...
 
+    def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
+        """Resolve the endpoint's credentials once per config (raises ConfigError if missing)."""
+        ...
+
     def build_request(
         self,
         endpoint: Endpoint,
-        api_key: str | None,
+        credentials: Credentials,
         op: Operation,
         body: dict[str, Any],
         stream: bool,
     ) -> UpstreamRequest: ...
 
-    def translate_response(self, endpoint: Endpoint, op: Operation, body: bytes) -> Translated: ...
+    def translate_response(
+        self, endpoint: Endpoint, op: Operation, body: bytes, request_body: dict[str, Any]
+    ) -> Translated:
+        """Turn a 2xx body into the OpenAI body for the app; may raise UpstreamFailure."""
+        ...
 
     def stream_translator(
         self, endpoint: Endpoint, op: Operation, request_body: dict[str, Any]
     ) -> StreamTranslator: ...
 
     def classify_error(
-        self, status: int, headers: Mapping[str, str], body: bytes
+        self, endpoint: Endpoint, status: int, headers: Mapping[str, str], body: bytes
     ) -> UpstreamFailure: ...
 
 
@@ -162,3 +210,44 @@ def status_kind(status: int) -> FailureKind:
 def estimate_tokens(text_chars: int) -> int:
     """A provider-neutral token estimate: about four characters per token for English text."""
     return (text_chars + 3) // 4
+
+
+def estimate_input_tokens(request_body: Mapping[str, Any]) -> int:
+    """Estimate the prompt's tokens from the OpenAI request (messages, prompt or input)."""
+    for key in ("messages", "prompt", "input"):
+        value = request_body.get(key)
+        if isinstance(value, str):
+            return estimate_tokens(len(value))
+        if value is not None:
+            return estimate_tokens(len(orjson.dumps(value)))
+    return 0
+
+
+def estimated_usage(request_body: Mapping[str, Any], output_chars: int) -> Usage:
+    """Usage for a response whose provider reported none, marked as the router's estimate."""
+    return Usage(
+        input_tokens=estimate_input_tokens(request_body),
+        output_tokens=estimate_tokens(output_chars),
+        estimated=True,
+    )
+
+
+def content_policy_failure(
+    endpoint: Endpoint, message: str, status: int | None = None, client_body: bytes | None = None
+) -> UpstreamFailure:
+    """A content-policy refusal: passed to the app, or another endpoint tries, per endpoint."""
+    fallback = endpoint.options.get("contentPolicy") == "fallback"
+    kind = FailureKind.CONTENT_POLICY if fallback else FailureKind.CLIENT_ERROR
+    return UpstreamFailure(kind, message, status, None, client_body)
+
+
+def unsupported(provider: str, what: str) -> UpstreamFailure:
+    """The request asks for something this provider's API cannot express."""
+    return UpstreamFailure(
+        FailureKind.UNSUPPORTED, f"{provider} cannot serve this request: {what}", 400
+    )
+
+
+def openai_error_body(message: str, type: str, code: str | None = None) -> bytes:
+    """An OpenAI-shaped error body, for translating other providers' errors."""
+    return orjson.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})

@@ -1,7 +1,11 @@
 """OpenAI and OpenAI-compatible servers (vLLM, llama.cpp, TGI, Ollama, DeepSeek).
 
 The app already speaks this format, so the adapter mostly passes bytes through: it swaps the model
-name, sets credentials, asks streams for a final usage chunk, and classifies errors.
+name, sets credentials, asks streams for a final usage chunk, and classifies errors. Server quirks
+handled here: some never send usage in streams (or reject `stream_options`: set the endpoint
+option `streamUsage: false`), some send `usage: null` on every chunk, some close the stream
+without `[DONE]` after a final `finish_reason` (llama.cpp, older TGI); usage missing from a
+response is estimated and marked so.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import orjson
 
 from ..config import Endpoint
 from .base import (
+    Credentials,
     FailureKind,
     Operation,
     Translated,
     UpstreamFailure,
     UpstreamRequest,
     Usage,
-    estimate_tokens,
+    content_policy_failure,
+    estimated_usage,
     parse_retry_after,
     status_kind,
 )
@@ -32,6 +38,8 @@ _PATHS = {
 }
 
 _CONTEXT_LENGTH_CODES = {"context_length_exceeded", "string_above_max_length"}
+#: OpenAI's `content_policy_violation`, Azure's `content_filter` (prompt blocked).
+_CONTENT_POLICY_CODES = {"content_policy_violation", "content_filter"}
 
 
 def usage_from_openai(raw: object) -> Usage | None:
@@ -54,26 +62,26 @@ class OpenAIAdapter:
     def supports(self, op: Operation) -> bool:
         return True
 
+    def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
+        return Credentials(api_key)
+
     def build_request(
         self,
         endpoint: Endpoint,
-        api_key: str | None,
+        credentials: Credentials,
         op: Operation,
         body: dict[str, Any],
         stream: bool,
     ) -> UpstreamRequest:
-        out = dict(body)
-        out["model"] = endpoint.model
-        if stream and op is not Operation.EMBEDDINGS:
-            options = dict(out.get("stream_options") or {})
-            options.setdefault("include_usage", True)
-            out["stream_options"] = options
         headers = {"content-type": "application/json", **endpoint.headers}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        return UpstreamRequest("POST", endpoint.base_url + _PATHS[op], headers, orjson.dumps(out))
+        if credentials.api_key:
+            headers["authorization"] = f"Bearer {credentials.api_key}"
+        url = endpoint.base_url + _PATHS[op]
+        return UpstreamRequest("POST", url, headers, openai_body(endpoint, body, stream, op))
 
-    def translate_response(self, endpoint: Endpoint, op: Operation, body: bytes) -> Translated:
+    def translate_response(
+        self, endpoint: Endpoint, op: Operation, body: bytes, request_body: dict[str, Any]
+    ) -> Translated:
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -84,7 +92,7 @@ class OpenAIAdapter:
             raise UpstreamFailure(FailureKind.PROTOCOL, "upstream answered 200 with a non-object")
         usage = usage_from_openai(parsed.get("usage"))
         if usage is None:
-            usage = Usage(output_tokens=estimate_tokens(len(body)), estimated=True)
+            usage = estimated_usage(request_body, len(body) // 2)
         return Translated(body, usage)
 
     def stream_translator(
@@ -92,15 +100,28 @@ class OpenAIAdapter:
     ) -> OpenAIStreamPassThrough:
         options = request_body.get("stream_options")
         wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return OpenAIStreamPassThrough(forward_usage_chunk=wants_usage)
+        return OpenAIStreamPassThrough(wants_usage, request_body)
 
     def classify_error(
-        self, status: int, headers: Mapping[str, str], body: bytes
+        self, endpoint: Endpoint, status: int, headers: Mapping[str, str], body: bytes
     ) -> UpstreamFailure:
-        return classify_openai_error(status, headers, body)
+        return classify_openai_error(endpoint, status, headers, body)
 
 
-def classify_openai_error(status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+def openai_body(endpoint: Endpoint, body: dict[str, Any], stream: bool, op: Operation) -> bytes:
+    """The app's body for an OpenAI-format upstream: its model, and usage asked for in streams."""
+    out = dict(body)
+    out["model"] = endpoint.model
+    if stream and op is not Operation.EMBEDDINGS and endpoint.options.get("streamUsage", True):
+        options = dict(out.get("stream_options") or {})
+        options.setdefault("include_usage", True)
+        out["stream_options"] = options
+    return orjson.dumps(out)
+
+
+def classify_openai_error(
+    endpoint: Endpoint, status: int, headers: Mapping[str, str], body: bytes
+) -> UpstreamFailure:
     kind = status_kind(status)
     message = f"upstream answered HTTP {status}"
     error: object = None
@@ -113,8 +134,11 @@ def classify_openai_error(status: int, headers: Mapping[str, str], body: bytes) 
     if isinstance(error, dict):
         if isinstance(error.get("message"), str):
             message = f"upstream answered HTTP {status}: {error['message']}"
-        if kind is FailureKind.CLIENT_ERROR and error.get("code") in _CONTEXT_LENGTH_CODES:
+        code = error.get("code")
+        if kind is FailureKind.CLIENT_ERROR and code in _CONTEXT_LENGTH_CODES:
             kind = FailureKind.CONTEXT_LENGTH
+        if kind is FailureKind.CLIENT_ERROR and code in _CONTENT_POLICY_CODES:
+            return content_policy_failure(endpoint, message, status, body)
     client_body = body if isinstance(error, dict) else None
     return UpstreamFailure(kind, message, status, parse_retry_after(headers), client_body)
 
@@ -126,12 +150,23 @@ class OpenAIStreamPassThrough:
     usage-only chunk is dropped again unless the app asked for it itself.
     """
 
-    __slots__ = ("_chars", "_done", "_forward_usage_chunk", "_parser", "usage")
+    __slots__ = (
+        "_chars",
+        "_done",
+        "_finished",
+        "_forward_usage_chunk",
+        "_parser",
+        "_request_body",
+        "usage",
+    )
 
-    def __init__(self, forward_usage_chunk: bool) -> None:
+    def __init__(self, forward_usage_chunk: bool, request_body: dict[str, Any]) -> None:
         self._parser = SSEParser()
         self._forward_usage_chunk = forward_usage_chunk
+        self._request_body = request_body
         self._done = False
+        #: A choice reported its finish_reason (servers that omit [DONE] stop here).
+        self._finished = False
         self._chars = 0
         self.usage: Usage | None = None
 
@@ -160,19 +195,24 @@ class OpenAIStreamPassThrough:
                 raise UpstreamFailure(
                     FailureKind.SERVER_ERROR, f"upstream reported an error mid-stream: {message}"
                 )
+            choices = parsed.get("choices")
+            if isinstance(choices, list) and any(
+                isinstance(c, dict) and c.get("finish_reason") for c in choices
+            ):
+                self._finished = True
             usage = usage_from_openai(parsed.get("usage"))
             if usage is not None:
                 self.usage = usage
-                if not self._forward_usage_chunk and not parsed.get("choices"):
+                if not self._forward_usage_chunk and not choices:
                     continue
             out.append(event.raw if event.raw.startswith(b"data:") else b"data: " + data + b"\n\n")
         return b"".join(out)
 
     def finish(self) -> bytes:
-        if not self._done:
+        if not self._done and not self._finished:
             raise UpstreamFailure(
                 FailureKind.PROTOCOL, "upstream closed the stream before sending [DONE]"
             )
         if self.usage is None:
-            self.usage = Usage(output_tokens=estimate_tokens(self._chars // 3), estimated=True)
-        return b""
+            self.usage = estimated_usage(self._request_body, self._chars // 3)
+        return b"" if self._done else b"data: [DONE]\n\n"
