@@ -35,7 +35,7 @@ def cluster(
     workdir = tmp_path_factory.mktemp("cluster")
     request.config.stash[_CLUSTER_DIR] = workdir
     try:
-        running = start_cluster(workdir, binaries)
+        running = start_cluster(workdir, binaries, exit_with_parent=True)
     except ClusterStartError as error:
         pytest.fail(f"control plane did not start: {error}", pytrace=False)
     try:

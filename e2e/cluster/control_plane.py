@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -229,10 +230,16 @@ def start_cluster(
     binaries: Binaries | None = None,
     *,
     controller_manager: bool = False,
+    exit_with_parent: bool = False,
     timeout: float = 90.0,
 ) -> Cluster:
     """Starts etcd and kube-apiserver (and optionally kube-controller-manager) and waits until
-    the apiserver answers /readyz. On failure everything started so far is stopped again."""
+    the apiserver answers /readyz. On failure everything started so far is stopped again.
+
+    With `exit_with_parent` the components get SIGTERM when the calling process dies, even by
+    SIGKILL (a test run killed by a CI timeout leaves nothing behind); leave it off for a
+    cluster that must outlive its starter, like `dev-cluster up`.
+    """
     binaries = binaries or find_binaries()
     workdir = workdir.resolve()
     pki, logs = workdir / "pki", workdir / "logs"
@@ -257,13 +264,16 @@ def start_cluster(
             binaries.etcd,
             _etcd_args(workdir / "etcd-data", etcd_client_port, etcd_peer_port),
             logs / "etcd.log",
+            exit_with_parent,
         )
         started.append((etcd_pid, binaries.etcd))
         _wait_until(lambda: _etcd_healthy(etcd_url), etcd_pid, logs / "etcd.log", "etcd", timeout)
         apiserver_args = _apiserver_args(
             etcd_url, apiserver_port, workdir, apiserver_cert, sa_private, sa_public
         )
-        apiserver_pid = _spawn(binaries.kube_apiserver, apiserver_args, logs / "kube-apiserver.log")
+        apiserver_pid = _spawn(
+            binaries.kube_apiserver, apiserver_args, logs / "kube-apiserver.log", exit_with_parent
+        )
         started.append((apiserver_pid, binaries.kube_apiserver))
         _wait_until(
             lambda: _apiserver_ready(server, admin_cert),
@@ -278,6 +288,7 @@ def start_cluster(
                 binaries.kube_controller_manager,
                 _controller_manager_args(workdir, ca_cert, sa_private),
                 logs / "kube-controller-manager.log",
+                exit_with_parent,
             )
             started.append((controller_manager_pid, binaries.kube_controller_manager))
     except BaseException:
@@ -409,7 +420,13 @@ def _free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def _spawn(binary: Path, args: list[str], log_file: Path) -> int:
+def _terminate_when_parent_dies() -> None:
+    # Runs in the child between fork and exec. PR_SET_PDEATHSIG is Linux-only, like /proc use here.
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _spawn(binary: Path, args: list[str], log_file: Path, exit_with_parent: bool) -> int:
     env = dict(os.environ, NO_PROXY=_NO_PROXY, no_proxy=_NO_PROXY)
     with log_file.open("ab") as log:
         # A session of its own: the process outlives `dev-cluster up`, and Ctrl-C in the
@@ -421,6 +438,7 @@ def _spawn(binary: Path, args: list[str], log_file: Path) -> int:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_terminate_when_parent_dies if exit_with_parent else None,
         )
     return process.pid
 
