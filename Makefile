@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit e2e install clean
+.PHONY: demo test lint unit e2e install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ e2e: $(STAMP)
 	echo "[e2e] e2e tests took $$(( $$(date +%s) - t0 ))s (exit $$rc)"; exit $$rc
 
 test: lint unit e2e
+
+# Sidecar vs bare proxy vs direct load benchmark (~2 min; installs wrk if missing).
+bench: $(STAMP)
+	bash bench/run.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,421 @@
+"""Load benchmark of the sidecar's data plane against a bare proxy and direct calls, in one run.
+
+Starts, as separate processes on 127.0.0.1:
+  * a lean OpenAI stand-in upstream (bench/upstream.py)           pinned to CPU 0
+  * the real sidecar (`modelplane serve --config <generated>`)    pinned to CPU 1
+  * a bare aiohttp pass-through proxy (bench/bare_proxy.py)       pinned to CPU 1
+and measures three targets the same way: direct (client -> upstream), bare (client -> bare proxy
+-> upstream) and sidecar (client -> sidecar -> upstream), non-streaming and streaming chat, at
+concurrency 8 and 32:
+  * max throughput with wrk (closed loop, `connections` in flight), pinned to CPU 0;
+  * latency at a fixed rate (default 200 req/s) with bench/paced.py (open loop, latency from the
+    scheduled send time), pinned to CPU 0.
+The proxies get a core of their own so the one under test is what saturates; only one target is
+loaded at a time. Prints one side-by-side table, the added latency against direct, and the RSS of
+each process after the load. Needs `wrk` on PATH (bench/run.sh installs it from Debian).
+
+Run: .venv/bin/python bench/bench_proxy.py   (or `make bench`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+SYSTEM = "You are a concise assistant. Answer in one short paragraph and never use lists."
+PROMPT = "Explain in two sentences why a per-pod routing sidecar keeps LLM failover fast."
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%(body)s]==]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\":%%d,\\"duration_us\\":%%d,\\"p50_us\\":%%d,\\"p99_us\\":%%d," ..
+    "\\"connect\\":%%d,\\"read\\":%%d,\\"write\\":%%d,\\"status\\":%%d,\\"timeout\\":%%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+TARGETS = ("direct", "bare", "sidecar")
+
+
+def request_body(model: str, stream: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": PROMPT},
+        ],
+        "max_tokens": 64,
+        "temperature": 0.2,
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def sidecar_config(upstream_port: int) -> str:
+    return f"""apiVersion: modelplane.io/v1alpha1
+kind: RouterConfig
+metadata:
+  name: bench
+server:
+  maxBodyBytes: 1048576
+endpoints:
+  - name: bench-upstream
+    provider: openai
+    baseUrl: http://127.0.0.1:{upstream_port}/v1
+    model: gpt-4o-mini
+    apiKey: {{value: sk-bench-not-a-real-key}}
+    pricing: {{inputPerMtok: 0.15, outputPerMtok: 0.60}}
+  - name: bench-spare
+    provider: openai-compatible
+    baseUrl: http://127.0.0.1:{upstream_port}/v1
+    model: llama-spare
+models:
+  - name: bench
+    endpoints: [bench-upstream, bench-spare]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pinned(cpu: int | None) -> Callable[[], None] | None:
+    if cpu is None:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, {cpu})
+
+    return pin
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) in MB from /proc."""
+        values = {}
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+        return values["VmRSS"], values["VmHWM"]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+
+
+def start(name: str, argv: list[str], port: int, cpu: int | None, logdir: Path) -> Proc:
+    log = logdir / f"{name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pinned(cpu), cwd=ROOT
+        )
+    return Proc(name, popen, port, log)
+
+
+def wait_listening(proc: Proc, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise SystemExit(f"{proc.name} exited at start:\n{proc.log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", proc.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{proc.name} did not listen on port {proc.port} within {timeout:g}s")
+
+
+def smoke(port: int, body: bytes, stream: bool, name: str) -> None:
+    """One real request through `name`; the benchmark refuses to measure a broken path."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    ok = resp.status == 200 and (
+        data.rstrip().endswith(b"data: [DONE]") if stream else b'"chat.completion"' in data
+    )
+    if not ok:
+        raise SystemExit(f"smoke request through {name} failed: HTTP {resp.status}: {data[:300]!r}")
+
+
+@dataclass
+class Result:
+    mode: str
+    conc: int
+    target: str
+    wrk: dict[str, Any] = field(default_factory=dict)
+    paced: dict[str, Any] = field(default_factory=dict)
+
+
+def run_wrk(port: int, script: Path, conc: int, seconds: float, cpu: int | None) -> dict[str, Any]:
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{conc}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+    ]
+    out = subprocess.run(
+        argv, capture_output=True, check=True, preexec_fn=pinned(cpu), timeout=seconds + 30
+    ).stdout.decode()
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no summary:\n{out}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
+    return {
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "errors": errors,
+        "non_2xx": raw["status"],
+    }
+
+
+def run_paced(
+    port: int, body_file: Path, conc: int, rate: float, seconds: float, cpu: int | None
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        str(HERE / "paced.py"),
+        "--port",
+        str(port),
+        "--body",
+        str(body_file),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(seconds),
+        "--connections",
+        str(conc),
+    ]
+    out = subprocess.run(
+        argv, capture_output=True, check=True, preexec_fn=pinned(cpu), timeout=seconds + 60
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(results: list[Result], rate: float) -> str:
+    head = (
+        f"{'mode':<7} {'conc':>4} {'target':<8} | {'max req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'err':>4} | {'@' + format(rate, 'g') + '/s p50':>11} {'p99':>6} "
+        f"{'added p50':>9} {'added p99':>9} {'err':>4}"
+    )
+    lines = [head, "-" * len(head)]
+    by_key = {(r.mode, r.conc, r.target): r for r in results}
+    for r in results:
+        direct = by_key.get((r.mode, r.conc, "direct"))
+        added50 = added99 = None
+        if r.target != "direct" and direct is not None:
+            added50 = r.paced["p50_ms"] - direct.paced["p50_ms"]
+            added99 = r.paced["p99_ms"] - direct.paced["p99_ms"]
+        w, p = r.wrk, r.paced
+        lines.append(
+            f"{r.mode:<7} {r.conc:>4} {r.target:<8} | {w['rps']:>9.0f} {w['p50_ms']:>7.2f} "
+            f"{w['p99_ms']:>7.2f} {w['errors'] + w['non_2xx']:>4} | {p['p50_ms']:>11.2f} "
+            f"{p['p99_ms']:>6.2f} {fmt(added50, '+.2f'):>9} {fmt(added99, '+.2f'):>9} "
+            f"{p['errors'] + p['non_2xx']:>4}"
+        )
+        if r.target == "sidecar":
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="sidecar vs bare proxy vs direct, one run")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
+    parser.add_argument("--paced-duration", type=float, default=5.0, help="seconds per paced run")
+    parser.add_argument("--rate", type=float, default=200.0, help="fixed rate for latency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--modes", nargs="+", default=["chat", "stream"])
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    args = parser.parse_args()
+
+    if shutil.which("wrk") is None:
+        print("wrk not found on PATH: run bench/run.sh (installs it with apt-get)", file=sys.stderr)
+        return 2
+    two_cores = (os.cpu_count() or 1) >= 2
+    load_cpu, proxy_cpu = (0, 1) if two_cores else (None, None)
+    python = sys.executable
+    modelplane = str(Path(python).parent / "modelplane")
+
+    workdir = Path(tempfile.mkdtemp(prefix="modelplane-bench-"))
+    procs: list[Proc] = []
+    t0 = time.monotonic()
+    try:
+        up_port, bare_port, side_port = free_port(), free_port(), free_port()
+        config = workdir / "router.yaml"
+        config.write_text(sidecar_config(up_port))
+        upstream = start(
+            "upstream",
+            [python, str(HERE / "upstream.py"), "--port", str(up_port)],
+            up_port,
+            load_cpu,
+            workdir,
+        )
+        procs.append(upstream)
+        bare = start(
+            "bare",
+            [
+                python,
+                str(HERE / "bare_proxy.py"),
+                "--port",
+                str(bare_port),
+                "--upstream",
+                f"http://127.0.0.1:{up_port}",
+            ],
+            bare_port,
+            proxy_cpu,
+            workdir,
+        )
+        procs.append(bare)
+        sidecar = start(
+            "sidecar",
+            [
+                modelplane,
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(side_port),
+                "--log-level",
+                "warning",
+            ],
+            side_port,
+            proxy_cpu,
+            workdir,
+        )
+        procs.append(sidecar)
+        for p in procs:
+            wait_listening(p)
+        ports = {"direct": up_port, "bare": bare_port, "sidecar": side_port}
+        models = {"direct": "gpt-4o-mini", "bare": "gpt-4o-mini", "sidecar": "bench"}
+
+        results: list[Result] = []
+        for mode in args.modes:
+            stream = mode == "stream"
+            files: dict[str, tuple[Path, Path]] = {}
+            for target in TARGETS:
+                body = request_body(models[target], stream)
+                smoke(ports[target], body, stream, target)
+                body_file = workdir / f"{mode}-{target}.json"
+                body_file.write_bytes(body)
+                script = workdir / f"{mode}-{target}.lua"
+                script.write_text(WRK_SCRIPT % {"body": body.decode()})
+                files[target] = (body_file, script)
+                run_wrk(ports[target], script, 8, 1, load_cpu)  # warm-up
+            for conc in args.concurrency:
+                for target in TARGETS:
+                    body_file, script = files[target]
+                    print(f"  {mode:<6} c={conc:<3} {target:<8} ...", file=sys.stderr, flush=True)
+                    r = Result(mode, conc, target)
+                    r.wrk = run_wrk(ports[target], script, conc, args.duration, load_cpu)
+                    r.paced = run_paced(
+                        ports[target], body_file, conc, args.rate, args.paced_duration, load_cpu
+                    )
+                    results.append(r)
+
+        rss = {p.name: p.rss_mb() for p in procs}
+        elapsed = time.monotonic() - t0
+        print()
+        print(
+            f"modelplane sidecar data-plane benchmark ({os.cpu_count()} CPUs; "
+            f"proxies on CPU {proxy_cpu}, upstream + load generators on CPU {load_cpu}; "
+            f"wrk {args.duration:g}s closed-loop per cell, then {args.rate:g} req/s open-loop "
+            f"for {args.paced_duration:g}s)"
+        )
+        print(render(results, args.rate))
+        for mode in args.modes:
+            for conc in args.concurrency:
+                cell = {r.target: r for r in results if r.mode == mode and r.conc == conc}
+                s, b = cell["sidecar"].wrk["rps"], cell["bare"].wrk["rps"]
+                print(
+                    f"{mode:<6} c={conc:<3} sidecar throughput = {s / b:.0%} of the bare proxy "
+                    f"({s:.0f} vs {b:.0f} req/s)"
+                )
+        print()
+        for name in ("sidecar", "bare", "upstream"):
+            now, peak = rss[name]
+            print(f"RSS after load  {name:<8} {now:6.1f} MB  (peak {peak:.1f} MB)")
+        print(f"\nwhole run: {elapsed:.0f}s")
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "results": [r.__dict__ for r in results],
+                        "rss_mb": {k: {"rss": v[0], "peak": v[1]} for k, v in rss.items()},
+                        "rate": args.rate,
+                    },
+                    indent=2,
+                )
+            )
+        bad = [
+            r
+            for r in results
+            if r.wrk["errors"] or r.wrk["non_2xx"] or r.paced["errors"] or r.paced["non_2xx"]
+        ]
+        if bad:
+            print(f"WARNING: {len(bad)} cell(s) saw errors or non-2xx answers", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if args.keep_logs:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
