@@ -153,11 +153,9 @@ class AuditLog:
         identity: dict[str, Any],
         checkpoint_every: int = 100,
     ) -> AuditLog:
-        sink: IO[bytes]
-        if destination in ("-", "stdout"):
-            sink = sys.stdout.buffer
-        else:
-            sink = Path(destination).open("ab")  # noqa: SIM115 - closed in close()
+        to_stdout = destination in ("-", "stdout")
+        # The file stays open for the life of the log; close() closes it.
+        sink: IO[bytes] = sys.stdout.buffer if to_stdout else Path(destination).open("ab")  # noqa: SIM115
         return cls(AuditChain(key, checkpoint_every), sink, identity)
 
     def record(self, fields: dict[str, Any]) -> None:
