@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from cluster import Cluster, CommandFailed
+from cluster import CertFiles, Cluster, CommandFailed
 
 ANNOTATION = "e2e.modelplane.io/injected"
 
@@ -25,8 +25,12 @@ ANNOTATION = "e2e.modelplane.io/injected"
 class AdmissionRecorder(ThreadingHTTPServer):
     """Answers every AdmissionReview by adding ANNOTATION, and remembers what it was asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, cert: CertFiles) -> None:
         super().__init__(("127.0.0.1", 0), _AdmissionHandler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert.cert, cert.key)
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.ca_bundle = cert.ca_bundle
         self.reviews: list[dict[str, Any]] = []
 
     @property
@@ -65,11 +69,7 @@ class _AdmissionHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def webhook_server(cluster: Cluster) -> Iterator[AdmissionRecorder]:
-    cert = cluster.issue_serving_cert("e2e-webhook")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert.cert, cert.key)
-    server = AdmissionRecorder()
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server = AdmissionRecorder(cluster.issue_serving_cert("e2e-webhook"))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -78,9 +78,10 @@ def webhook_server(cluster: Cluster) -> Iterator[AdmissionRecorder]:
 
 
 @pytest.fixture
-def webhook_configuration(
+def active_webhook(
     cluster: Cluster, webhook_server: AdmissionRecorder, namespace: str
-) -> Iterator[str]:
+) -> Iterator[AdmissionRecorder]:
+    """The webhook server, registered for Pod CREATE in `namespace` and already being called."""
     # Unique per run and scoped to the test namespace: a leftover failurePolicy=Fail webhook
     # would block every Pod in the cluster.
     name = f"e2e-inject-{uuid.uuid4().hex[:8]}"
@@ -93,7 +94,7 @@ def webhook_configuration(
                 "name": "inject.e2e.modelplane.io",
                 "clientConfig": {
                     "url": webhook_server.url,
-                    "caBundle": cluster.issue_serving_cert("e2e-webhook").ca_bundle,
+                    "caBundle": webhook_server.ca_bundle,
                 },
                 "rules": [
                     {
@@ -112,7 +113,9 @@ def webhook_configuration(
         ],
     }
     cluster.kubectl("create", "-f", "-", input=json.dumps(configuration))
-    yield name
+    wait_until_webhook_active(cluster, namespace)
+    webhook_server.reviews.clear()
+    yield webhook_server
     cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
 
 
@@ -142,20 +145,14 @@ def wait_until_webhook_active(cluster: Cluster, namespace: str) -> None:
 
 
 def test_webhook_mutates_pod_on_create(
-    cluster: Cluster,
-    namespace: str,
-    webhook_server: AdmissionRecorder,
-    webhook_configuration: str,
+    cluster: Cluster, namespace: str, active_webhook: AdmissionRecorder
 ) -> None:
-    wait_until_webhook_active(cluster, namespace)
-    webhook_server.reviews.clear()
-
     created = cluster.kubectl_json("create", "-n", namespace, "-f", "-", input=pod("app"))
 
     assert created["metadata"]["annotations"] == {ANNOTATION: "true"}
     stored = cluster.kubectl_json("get", "pod", "app", "-n", namespace)
     assert stored["metadata"]["annotations"] == {ANNOTATION: "true"}
-    (review,) = webhook_server.reviews
+    (review,) = active_webhook.reviews
     request = review["request"]
     assert (request["operation"], request["namespace"]) == ("CREATE", namespace)
     assert request["kind"] == {"group": "", "version": "v1", "kind": "Pod"}
@@ -163,14 +160,10 @@ def test_webhook_mutates_pod_on_create(
 
 
 def test_pod_create_fails_when_the_webhook_is_down(
-    cluster: Cluster,
-    namespace: str,
-    webhook_server: AdmissionRecorder,
-    webhook_configuration: str,
+    cluster: Cluster, namespace: str, active_webhook: AdmissionRecorder
 ) -> None:
-    wait_until_webhook_active(cluster, namespace)
-    webhook_server.shutdown()
-    webhook_server.server_close()
+    active_webhook.shutdown()
+    active_webhook.server_close()
 
     with pytest.raises(CommandFailed) as failure:
         cluster.kubectl("create", "-n", namespace, "-f", "-", input=pod("orphan"))
