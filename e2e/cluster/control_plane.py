@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .binaries import Binaries, find_binaries
+from .binaries import BUILD_SCRIPT, Binaries, MissingBinaries, find_binaries
 from .certs import CertFiles, CertificateAuthority, write_service_account_keys
 
 STATE_FILE = "state.json"
@@ -241,6 +241,8 @@ def start_cluster(
     cluster that must outlive its starter, like `dev-cluster up`.
     """
     binaries = binaries or find_binaries()
+    if controller_manager and not os.access(binaries.kube_controller_manager, os.X_OK):
+        raise MissingBinaries(f"{binaries.kube_controller_manager} not found; see {BUILD_SCRIPT}")
     workdir = workdir.resolve()
     pki, logs = workdir / "pki", workdir / "logs"
     for directory in (pki, logs):
