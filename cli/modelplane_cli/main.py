@@ -43,6 +43,21 @@ def _demo(args: argparse.Namespace) -> int:
     return _run(run_demo())
 
 
+def _crds(args: argparse.Namespace) -> int:
+    from modelplane_operator import crdgen
+
+    directory = Path(args.out)
+    if args.check:
+        stale = crdgen.stale(directory)
+        if stale:
+            print(f"modelplane crds: stale in {directory}: {', '.join(stale)}", file=sys.stderr)
+            return 1
+        return 0
+    for path in crdgen.write(directory):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelplane", description="Modelplane: an LLM router for Kubernetes."
@@ -58,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start stand-in providers and the router, show routing")
     demo.set_defaults(func=_demo)
+
+    crds = sub.add_parser("crds", help="generate the CRD YAML from the operator's spec models")
+    crds.add_argument("--out", default="crds", help="output directory (default: crds)")
+    crds.add_argument("--check", action="store_true", help="only fail when the files are stale")
+    crds.set_defaults(func=_crds)
     return parser
 
 

@@ -1,0 +1,679 @@
+"""Compile one namespace's custom resources into the sidecar's RouterConfig: a pure function.
+
+Input: the namespace's ModelEndpoints, RoutingPolicies and Budgets as the API server returns them,
+plus the decoded data of the Secrets they reference. Output: one RouterConfig snapshot (or none,
+when nothing in the namespace routes anywhere), its content-hash version, and a verdict per object
+(Ready or not, with a reason and a precise message) that the handlers write into status. Errors
+are contained: an invalid object, a missing reference or an unsatisfiable rule marks that object
+(and drops the broken part), never the rest of the namespace's config.
+
+Fields the CRDs offer but the RouterConfig of this sidecar version cannot express yet are not
+dropped silently: each one is named in the owning object's Ready message (see `_unsupported`).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from modelplane_sidecar import config as rc
+
+from .crd_models import (
+    BUDGET,
+    MODEL_ENDPOINT,
+    ROUTING_POLICY,
+    BudgetAction,
+    BudgetSpec,
+    ModelEndpointSpec,
+    ModelRoute,
+    Route,
+    RoutingPolicySpec,
+    Rule,
+    Target,
+)
+
+#: Reasons written into the Ready condition.
+COMPILED = "Compiled"
+INVALID_SPEC = "InvalidSpec"
+UNSUPPORTED_PROVIDER = "UnsupportedProvider"
+SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
+ENDPOINT_INVALID = "EndpointInvalid"
+INVALID_REFERENCES = "InvalidReferences"
+NOTHING_ROUTABLE = "NothingRoutable"
+COMPILE_ERROR = "CompileError"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """The parts of one custom resource the compiler reads."""
+
+    name: str
+    spec: Mapping[str, Any]
+    generation: int = 1
+    #: RFC 3339; older objects win conflicts (ties broken by name).
+    created: str = ""
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Resource:
+        meta = body.get("metadata", {})
+        return cls(
+            name=str(meta["name"]),
+            spec=body.get("spec") or {},
+            generation=int(meta.get("generation") or 1),
+            created=str(meta.get("creationTimestamp") or ""),
+            status=body.get("status") or {},
+        )
+
+
+def decode_secret(body: Mapping[str, Any]) -> dict[str, str]:
+    """A core/v1 Secret's `data` (base64) and `stringData`, decoded; undecodable keys skipped."""
+    out: dict[str, str] = {}
+    for key, value in (body.get("data") or {}).items():
+        try:
+            out[key] = base64.b64decode(value, validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            continue
+    for key, value in (body.get("stringData") or {}).items():
+        out[key] = str(value)
+    return out
+
+
+@dataclass(frozen=True)
+class NamespaceInputs:
+    namespace: str
+    endpoints: Sequence[Resource] = ()
+    policies: Sequence[Resource] = ()
+    budgets: Sequence[Resource] = ()
+    #: Secret name -> key -> decoded value, for the Secrets the endpoints reference.
+    secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    """The outcome for one object: what its Ready condition says."""
+
+    ready: bool
+    reason: str
+    message: str
+    generation: int
+    #: Whether the object contributes to the namespace's compiled config.
+    in_config: bool = False
+
+
+@dataclass(frozen=True)
+class CompiledBudget:
+    """A validated Budget, ready for the spend tracker (enforcement lives outside compile)."""
+
+    name: str
+    spec: BudgetSpec
+    #: RouterConfig endpoint names the budget counts; empty means every endpoint.
+    endpoints: tuple[str, ...]
+    #: Spend in the current period as the Budget's status reports it (None: not measured yet).
+    spent_usd: float | None = None
+
+    def reached_actions(self) -> list[BudgetAction]:
+        """Actions of the thresholds the reported spend has passed."""
+        if self.spent_usd is None:
+            return []
+        percent = 100.0 * self.spent_usd / self.spec.limit_usd
+        return [t.action for t in self.spec.thresholds if percent >= t.percent]
+
+
+@dataclass(frozen=True)
+class CompiledNamespace:
+    namespace: str
+    config: rc.RouterConfig | None
+    #: (kind, name) -> verdict, for every object given to the compiler.
+    verdicts: Mapping[tuple[str, str], Verdict]
+    budgets: tuple[CompiledBudget, ...] = ()
+
+    @property
+    def version(self) -> str | None:
+        return self.config.version() if self.config is not None else None
+
+    def verdict(self, kind: str, name: str) -> Verdict:
+        return self.verdicts[(kind, name)]
+
+
+def wire_config(config: rc.RouterConfig) -> dict[str, Any]:
+    """The config as JSON-ready data with credential values revealed, for the config stream."""
+    data: dict[str, Any] = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for ep, raw in zip(config.endpoints, data["endpoints"], strict=True):
+        if ep.api_key is not None and ep.api_key.value is not None:
+            raw["apiKey"]["value"] = ep.api_key.value.get_secret_value()
+    return data
+
+
+def _spec_error(kind: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"spec.{where}: {err['msg']}")
+    return f"invalid {kind} spec: " + "; ".join(parts)
+
+
+def _join(items: Sequence[str]) -> str:
+    return ", ".join(items)
+
+
+# --- ModelEndpoint ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Endpoint:
+    resource: Resource
+    spec: ModelEndpointSpec | None
+    compiled: rc.Endpoint | None
+    verdict: Verdict
+
+    @property
+    def tags(self) -> frozenset[str]:
+        return frozenset(self.compiled.tags) if self.compiled is not None else frozenset()
+
+
+def _base_url(spec: ModelEndpointSpec, namespace: str) -> str:
+    if spec.base_url is not None:
+        return spec.base_url
+    assert spec.service_ref is not None
+    ref = spec.service_ref
+    return f"{ref.scheme}://{ref.name}.{namespace}.svc:{ref.port}{ref.path.rstrip('/')}"
+
+
+def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
+    def fail(reason: str, message: str, spec: ModelEndpointSpec | None = None) -> _Endpoint:
+        return _Endpoint(res, spec, None, Verdict(False, reason, message, res.generation))
+
+    try:
+        spec = ModelEndpointSpec.model_validate(res.spec)
+    except ValidationError as exc:
+        return fail(INVALID_SPEC, _spec_error(MODEL_ENDPOINT.kind, exc))
+    if (spec.base_url is None) == (spec.service_ref is None):
+        return fail(
+            INVALID_SPEC, "exactly one of spec.baseURL or spec.serviceRef must be set", spec
+        )
+    supported = {p.value for p in rc.Provider}
+    if spec.provider.value not in supported:
+        return fail(
+            UNSUPPORTED_PROVIDER,
+            f"provider {spec.provider.value!r} is not supported by this sidecar version "
+            f"(supported: {_join(sorted(supported))})",
+            spec,
+        )
+    api_key: rc.ApiKeySource | None = None
+    if spec.credentials is not None:
+        ref = spec.credentials.secret_ref
+        secret = inputs.secrets.get(ref.name)
+        if secret is None:
+            return fail(
+                SECRET_NOT_FOUND,
+                f"Secret {ref.name!r} (spec.credentials.secretRef) not found in namespace "
+                f"{inputs.namespace!r}",
+                spec,
+            )
+        if ref.key not in secret:
+            keys = _join(sorted(secret)) or "none"
+            return fail(
+                SECRET_KEY_NOT_FOUND,
+                f"Secret {ref.name!r} has no key {ref.key!r} (keys: {keys})",
+                spec,
+            )
+        value = secret[ref.key].strip()
+        if not value:
+            return fail(SECRET_KEY_NOT_FOUND, f"Secret {ref.name!r} key {ref.key!r} is empty", spec)
+        api_key = rc.ApiKeySource(value=SecretStr(value))
+    tags = list(spec.compliance)
+    if spec.residency is not None:
+        tags.append(f"residency:{spec.residency}")
+    limits = rc.EndpointLimits()
+    if spec.limits is not None:
+        limits = rc.EndpointLimits(
+            requests_per_minute=spec.limits.requests_per_minute,
+            tokens_per_minute=spec.limits.tokens_per_minute,
+            max_concurrency=spec.limits.max_concurrency,
+        )
+    try:
+        compiled = rc.Endpoint(
+            name=res.name,
+            provider=rc.Provider(spec.provider.value),
+            base_url=_base_url(spec, inputs.namespace),
+            model=spec.model,
+            api_key=api_key,
+            timeouts=rc.Timeouts(
+                connect_seconds=spec.timeouts.connect_seconds,
+                request_seconds=spec.timeouts.request_seconds,
+                stream_idle_seconds=spec.timeouts.stream_idle_seconds,
+            ),
+            region=spec.region,
+            tags=tuple(dict.fromkeys(tags)),
+            pricing=rc.Pricing(
+                input_per_mtok=spec.pricing.input_per_m_tok,
+                output_per_mtok=spec.pricing.output_per_m_tok,
+                cached_input_per_mtok=spec.pricing.cached_input_per_m_tok,
+            ),
+            context_window=spec.context_window,
+            headers=dict(spec.headers),
+            options=dict(spec.options),
+            limits=limits,
+        )
+    except ValidationError as exc:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'endpoint'}: {e['msg']}" for e in exc.errors()
+        )
+        return fail(ENDPOINT_INVALID, f"the sidecar would reject this endpoint: {detail}", spec)
+    verdict = Verdict(True, COMPILED, "", res.generation)
+    return _Endpoint(res, spec, compiled, verdict)
+
+
+# --- RoutingPolicy ---------------------------------------------------------------------------
+
+
+@dataclass
+class _PolicyResult:
+    aliases: list[rc.ModelAlias]
+    rules: list[rc.Rule]
+    #: Endpoints its aliases and rules route to (what its budgets count).
+    used_endpoints: set[str]
+    errors: list[str]
+    notes: list[str]
+
+
+@dataclass
+class _Namespace:
+    """What the policies of a namespace claim, in age order (older wins)."""
+
+    endpoints: Mapping[str, _Endpoint]
+    sensitivity: rc.SensitivityPolicy
+    aliases: dict[str, str] = field(default_factory=dict)
+    rules: dict[str, str] = field(default_factory=dict)
+
+
+def _usable(where: str, route: Route, ns: _Namespace, errors: list[str]) -> list[Target]:
+    """The route's targets whose endpoint is ready; a message in `errors` for every other one."""
+    usable: list[Target] = []
+    for target in route.targets:
+        ep = ns.endpoints.get(target.endpoint)
+        if ep is None:
+            errors.append(f"{where}: ModelEndpoint {target.endpoint!r} not found")
+        elif ep.compiled is None:
+            errors.append(
+                f"{where}: ModelEndpoint {target.endpoint!r} is not ready ({ep.verdict.reason})"
+            )
+        elif target.endpoint not in {t.endpoint for t in usable}:
+            usable.append(target)
+    if not usable:
+        errors.append(f"{where}: no usable target, so no endpoint can serve it")
+    return usable
+
+
+def _rc_targets(targets: Sequence[Target]) -> tuple[rc.Target, ...]:
+    return tuple(
+        rc.Target(
+            endpoint=t.endpoint,
+            weight=1 if t.weight is None else t.weight,
+            tier=t.tier,
+            arm=t.arm,
+        )
+        for t in targets
+    )
+
+
+def _rc_options(route: Route) -> rc.StrategyOptions:
+    if route.options is None:
+        return rc.StrategyOptions()
+    return rc.StrategyOptions.model_validate(
+        route.options.model_dump(mode="json", by_alias=True, exclude_none=True)
+    )
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    return "; ".join(
+        (".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "") + str(e["msg"])
+        for e in exc.errors()
+    )
+
+
+def _alias(route: ModelRoute, targets: Sequence[Target], spec: RoutingPolicySpec) -> rc.ModelAlias:
+    return rc.ModelAlias(
+        name=route.name,
+        description=route.description,
+        strategy=route.strategy,
+        targets=_rc_targets(targets),
+        options=_rc_options(route),
+        retry=rc.RetryPolicy(
+            max_attempts=spec.retry.max_attempts,
+            backoff_base_seconds=spec.retry.backoff_base_seconds,
+            backoff_max_seconds=spec.retry.backoff_max_seconds,
+            max_retry_after_seconds=spec.retry.max_retry_after_seconds,
+            retry_on=tuple(spec.retry.retry_on),
+        ),
+        timeout=rc.TimeoutPolicy(
+            attempt_seconds=spec.timeout.attempt_seconds,
+            total_seconds=spec.timeout.total_seconds,
+        ),
+        circuit_breaker=rc.CircuitBreakerPolicy(
+            enabled=spec.circuit_breaker.enabled,
+            failure_threshold=spec.circuit_breaker.failure_threshold,
+            open_seconds=spec.circuit_breaker.open_seconds,
+            half_open_successes=spec.circuit_breaker.half_open_successes,
+        ),
+    )
+
+
+def _satisfiable(
+    where: str, rule: Rule, targets: list[Target], ns: _Namespace, errors: list[str]
+) -> list[Target]:
+    """Narrow the targets to those that can serve what the rule matches; error when none can."""
+    names = [t.endpoint for t in targets]
+    for class_name in rule.match.data_classes:
+        data_class = ns.sensitivity.data_class(class_name)
+        if data_class is None or not data_class.allowed_tags:
+            continue
+        allowed = set(data_class.allowed_tags)
+        if not any(allowed & ns.endpoints[t.endpoint].tags for t in targets):
+            errors.append(
+                f"{where}: no endpoint can satisfy it: data class {class_name!r} may only go to "
+                f"endpoints tagged {_join(sorted(allowed))}, and none of {_join(names)} is"
+            )
+            return []
+    tokens = rule.match.tokens
+    if tokens is not None and tokens.min > 0:
+        fitting = []
+        for t in targets:
+            compiled = ns.endpoints[t.endpoint].compiled
+            window = compiled.context_window if compiled is not None else None
+            if window is None or window >= tokens.min:
+                fitting.append(t)
+        if not fitting:
+            errors.append(
+                f"{where}: no endpoint can satisfy it: requests of at least {tokens.min} tokens "
+                f"exceed the context window of every target ({_join(names)})"
+            )
+            return []
+        targets = fitting
+    return targets
+
+
+def _compile_rule(
+    rule: Rule,
+    own_aliases: list[str],
+    ns: _Namespace,
+    policy: str,
+    errors: list[str],
+) -> rc.Rule | None:
+    where = f"rule {rule.name!r}"
+    owner = ns.rules.get(rule.name)
+    if owner is not None:
+        errors.append(f"{where} is already defined by RoutingPolicy {owner!r} (older wins)")
+        return None
+    unknown = [m for m in rule.match.models if m not in own_aliases]
+    if unknown:
+        errors.append(
+            f"{where}: match.models names {_join(unknown)}, not a model of this policy "
+            f"(models: {_join(own_aliases) or 'none usable'})"
+        )
+        return None
+    known_classes = {c.name for c in ns.sensitivity.classes}
+    unknown = [c for c in rule.match.data_classes if c not in known_classes]
+    if unknown:
+        errors.append(
+            f"{where}: match.dataClasses names {_join(unknown)}, not a data class of the "
+            f"namespace (classes: {_join(sorted(known_classes))})"
+        )
+        return None
+    targets = _usable(where, rule, ns, errors)
+    if targets:
+        targets = _satisfiable(where, rule, targets, ns, errors)
+    if not targets or not own_aliases:
+        return None
+    match = rule.match.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # A policy's rules route only its own models, never another policy's.
+    match["models"] = list(rule.match.models) or list(own_aliases)
+    try:
+        compiled = rc.Rule(
+            name=rule.name,
+            description=rule.description,
+            match=rc.RuleMatch.model_validate(match),
+            strategy=rule.strategy,
+            targets=_rc_targets(targets),
+            options=_rc_options(rule),
+        )
+    except ValidationError as exc:
+        errors.append(f"{where}: the sidecar would reject it: {_validation_detail(exc)}")
+        return None
+    ns.rules[rule.name] = policy
+    return compiled
+
+
+def _compile_policy(spec: RoutingPolicySpec, ns: _Namespace, policy: str) -> _PolicyResult:
+    errors: list[str] = []
+    notes: list[str] = []
+    aliases: list[rc.ModelAlias] = []
+    for route in spec.models:
+        where = f"model {route.name!r}"
+        owner = ns.aliases.get(route.name)
+        if owner is not None:
+            errors.append(f"{where} is already defined by RoutingPolicy {owner!r} (older wins)")
+            continue
+        targets = _usable(where, route, ns, errors)
+        if not targets:
+            continue
+        try:
+            alias = _alias(route, targets, spec)
+        except ValidationError as exc:
+            errors.append(f"{where}: the sidecar would reject it: {_validation_detail(exc)}")
+            continue
+        ns.aliases[route.name] = policy
+        aliases.append(alias)
+    own = [a.name for a in aliases]
+    rules = []
+    for rule in spec.rules:
+        compiled = _compile_rule(rule, own, ns, policy, errors)
+        if compiled is not None:
+            rules.append(compiled)
+    if spec.default is not None:
+        _usable("default", spec.default, ns, errors)
+        notes.append("default route")
+    if spec.cache.enabled:
+        notes.append("cache")
+    if spec.pod_selector.match_labels or spec.pod_selector.match_expressions:
+        notes.append("podSelector (every sidecar in the namespace gets this policy)")
+    used = {t.endpoint for a in aliases for t in a.route_targets()}
+    used |= {t.endpoint for r in rules for t in r.targets}
+    return _PolicyResult(aliases, rules, used, errors, notes)
+
+
+def _sensitivity(
+    policies: Sequence[tuple[Resource, RoutingPolicySpec]],
+    errors: dict[str, list[str]],
+) -> rc.SensitivityPolicy:
+    """The namespace's data classes: from the oldest policy that sets them, else the default."""
+    chosen: str | None = None
+    result = rc.SensitivityPolicy()
+    for res, spec in policies:
+        if spec.sensitivity is None:
+            continue
+        if chosen is not None:
+            errors[res.name].append(
+                f"spec.sensitivity is already set by RoutingPolicy {chosen!r} (older wins)"
+            )
+            continue
+        raw = spec.sensitivity.model_dump(mode="json", by_alias=True, exclude_none=True)
+        try:
+            result = rc.SensitivityPolicy.model_validate(raw)
+        except ValidationError as exc:
+            errors[res.name].append(f"spec.sensitivity: {_validation_detail(exc)}")
+            continue
+        chosen = res.name
+    return result
+
+
+# --- Budget ----------------------------------------------------------------------------------
+
+
+def _compile_budget(
+    res: Resource,
+    endpoints: Mapping[str, _Endpoint],
+    policies: Mapping[str, _PolicyResult | None],
+) -> tuple[Verdict, CompiledBudget | None]:
+    try:
+        spec = BudgetSpec.model_validate(res.spec)
+    except ValidationError as exc:
+        return Verdict(False, INVALID_SPEC, _spec_error(BUDGET.kind, exc), res.generation), None
+    errors = []
+    for name in spec.scope.policies:
+        if name not in policies:
+            errors.append(f"scope.policies: RoutingPolicy {name!r} not found")
+    for name in spec.scope.endpoints:
+        if name not in endpoints:
+            errors.append(f"scope.endpoints: ModelEndpoint {name!r} not found")
+    if errors:
+        return Verdict(False, INVALID_REFERENCES, "; ".join(errors), res.generation), None
+    counted: set[str] = set(spec.scope.endpoints)
+    for name in spec.scope.policies:
+        result = policies.get(name)
+        if result is not None:
+            counted.update(result.used_endpoints)
+    scoped = bool(spec.scope.endpoints or spec.scope.policies)
+    spent = res.status.get("spentUSD")
+    compiled = CompiledBudget(
+        res.name,
+        spec,
+        tuple(sorted(counted)) if scoped else (),
+        float(spent) if isinstance(spent, int | float) else None,
+    )
+    message = "spend is not tracked by this version yet; thresholds act on status.spentUSD"
+    if scoped:
+        message += "; downgrade and hard-stop apply to the whole namespace, not only the scope"
+    return Verdict(True, COMPILED, message, res.generation), compiled
+
+
+_SEVERITY = {BudgetAction.ALERT: 0, BudgetAction.DOWNGRADE: 1, BudgetAction.HARD_STOP: 2}
+
+
+def _budget_state(budgets: Sequence[CompiledBudget]) -> rc.BudgetState:
+    """The namespace's budget mode: the strongest action of any threshold already passed."""
+    mode, by = rc.BudgetMode.NORMAL, None
+    strongest = 0
+    for budget in budgets:
+        for action in budget.reached_actions():
+            if action is BudgetAction.ALERT or _SEVERITY[action] <= strongest:
+                continue
+            strongest = _SEVERITY[action]
+            mode = (
+                rc.BudgetMode.STOP if action is BudgetAction.HARD_STOP else rc.BudgetMode.DOWNGRADE
+            )
+            by = budget.name
+    return rc.BudgetState(mode=mode, budget=by)
+
+
+# --- The namespace ---------------------------------------------------------------------------
+
+
+def _ready_message(notes: Sequence[str]) -> str:
+    if not notes:
+        return ""
+    return "not applied by this sidecar version: " + "; ".join(notes)
+
+
+def compile_namespace(inputs: NamespaceInputs) -> CompiledNamespace:
+    """The namespace's RouterConfig (None when nothing routes) and a verdict for every object."""
+    verdicts: dict[tuple[str, str], Verdict] = {}
+    endpoints = {
+        res.name: _compile_endpoint(res, inputs)
+        for res in sorted(inputs.endpoints, key=lambda r: r.name)
+    }
+
+    policy_results: dict[str, _PolicyResult | None] = {}
+    parsed: list[tuple[Resource, RoutingPolicySpec]] = []
+    for res in sorted(inputs.policies, key=lambda r: (r.created, r.name)):
+        try:
+            parsed.append((res, RoutingPolicySpec.model_validate(res.spec)))
+        except ValidationError as exc:
+            policy_results[res.name] = None
+            verdicts[(ROUTING_POLICY.kind, res.name)] = Verdict(
+                False, INVALID_SPEC, _spec_error(ROUTING_POLICY.kind, exc), res.generation
+            )
+    early_errors: dict[str, list[str]] = {res.name: [] for res, _ in parsed}
+    ns = _Namespace(endpoints, _sensitivity(parsed, early_errors))
+    aliases: list[rc.ModelAlias] = []
+    rules: list[rc.Rule] = []
+    for res, spec in parsed:
+        result = _compile_policy(spec, ns, res.name)
+        result.errors[:0] = early_errors[res.name]
+        policy_results[res.name] = result
+        aliases.extend(result.aliases)
+        rules.extend(result.rules)
+        in_config = bool(result.aliases)
+        if result.errors:
+            reason = INVALID_REFERENCES if in_config else NOTHING_ROUTABLE
+            verdicts[(ROUTING_POLICY.kind, res.name)] = Verdict(
+                False, reason, "; ".join(result.errors), res.generation, in_config
+            )
+        else:
+            verdicts[(ROUTING_POLICY.kind, res.name)] = Verdict(
+                True, COMPILED, _ready_message(result.notes), res.generation, in_config
+            )
+    used = {t.endpoint for a in aliases for t in a.route_targets()}
+    used |= {t.endpoint for r in rules for t in r.targets}
+
+    for name, ep in endpoints.items():
+        v = ep.verdict
+        if ep.compiled is not None:
+            v.in_config = name in used
+            if not v.in_config:
+                v.message = "valid, but no RoutingPolicy routes to it"
+        verdicts[(MODEL_ENDPOINT.kind, name)] = v
+
+    budgets: list[CompiledBudget] = []
+    for res in sorted(inputs.budgets, key=lambda r: r.name):
+        verdict, compiled_budget = _compile_budget(res, endpoints, policy_results)
+        verdicts[(BUDGET.kind, res.name)] = verdict
+        if compiled_budget is not None:
+            budgets.append(compiled_budget)
+
+    config = None
+    if aliases:
+        config = _assemble(inputs.namespace, endpoints, used, aliases, rules, ns, budgets, verdicts)
+    return CompiledNamespace(inputs.namespace, config, verdicts, tuple(budgets))
+
+
+def _assemble(
+    namespace: str,
+    endpoints: Mapping[str, _Endpoint],
+    used: set[str],
+    aliases: list[rc.ModelAlias],
+    rules: list[rc.Rule],
+    ns: _Namespace,
+    budgets: list[CompiledBudget],
+    verdicts: dict[tuple[str, str], Verdict],
+) -> rc.RouterConfig | None:
+    try:
+        config = rc.RouterConfig(
+            metadata=rc.Metadata(name=namespace, namespace=namespace),
+            endpoints=tuple(
+                ep.compiled
+                for name, ep in endpoints.items()
+                if ep.compiled is not None and name in used
+            ),
+            models=tuple(aliases),
+            rules=tuple(rules),
+            sensitivity=ns.sensitivity,
+            budget=_budget_state(budgets),
+        )
+    except ValidationError as exc:
+        # The per-object checks above should make this unreachable; if they miss a case, say so
+        # on every policy instead of shipping a config the sidecars would NACK.
+        message = f"the combined config is invalid: {_validation_detail(exc)}"
+        for (kind, _), verdict in verdicts.items():
+            if kind == ROUTING_POLICY.kind and verdict.in_config:
+                verdict.ready, verdict.reason, verdict.message = False, COMPILE_ERROR, message
+                verdict.in_config = False
+        return None
+    metadata = rc.Metadata(name=namespace, namespace=namespace, version=config.content_hash())
+    return config.model_copy(update={"metadata": metadata})
