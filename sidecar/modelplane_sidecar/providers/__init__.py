@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from ..config import Provider
+from .anthropic import AnthropicAdapter
 from .base import Adapter
 from .openai import OpenAIAdapter
 
 _ADAPTERS: dict[Provider, Adapter] = {
     Provider.OPENAI: OpenAIAdapter(),
     Provider.OPENAI_COMPATIBLE: OpenAIAdapter(),
+    Provider.ANTHROPIC: AnthropicAdapter(),
 }
 
 

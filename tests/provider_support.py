@@ -1,0 +1,51 @@
+"""Helpers for the provider adapter tests: clients of the sidecar and small config builders."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import openai
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="app-placeholder", max_retries=0)
+
+
+def anthropic_client(url: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key="app-placeholder", max_retries=0)
+
+
+def chain(*endpoints: dict[str, Any], **alias_settings: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "retry": {"maxAttempts": 2, "backoffBaseSeconds": 0.01, "backoffMaxSeconds": 0.05},
+        "circuitBreaker": {"failureThreshold": 50, "openSeconds": 30},
+    }
+    settings.update(alias_settings)
+    return {
+        "apiVersion": "modelplane.io/v1alpha1",
+        "kind": "RouterConfig",
+        "endpoints": list(endpoints),
+        "models": [{"name": "chat", "endpoints": [e["name"] for e in endpoints], **settings}],
+    }
+
+
+def ep(name: str, provider: str, url: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "provider": provider, "baseUrl": url, "model": f"{name}-model", **extra}
+
+
+def settled(read: Callable[[], float], until: Callable[[float], bool]) -> float:
+    """A metric's value once the router has finished accounting a request.
+
+    Streams are accounted after the last byte is written, so a fast client can read the metric a
+    moment before that; this waits (bounded) for the accounting rather than racing it.
+    """
+    value = read()
+    for _ in range(200):
+        if until(value):
+            return value
+        time.sleep(0.01)
+        value = read()
+    return value
