@@ -81,8 +81,8 @@ class OpenAIOptions(ProviderOptions):
 
 
 class AnthropicOptions(ProviderOptions):
-    #: The `anthropic-version` header.
-    version: str = Field(default="2023-06-01", min_length=1)
+    #: The `anthropic-version` header (the API version the request and response shapes follow).
+    version: str = Field(default="2026-10-21", min_length=1)
     #: `max_tokens` is required by the Messages API; used when the app sets none.
     max_tokens: int = Field(default=4096, gt=0)
 
