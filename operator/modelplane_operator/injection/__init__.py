@@ -2,9 +2,9 @@
 
 Pure parts (tested without a cluster): `settings` (what to inject, per-Pod overrides),
 `decision` (should this Pod get the sidecar?), `patch` (the JSON Patch), `admission`
-(AdmissionReview in and out). I/O parts: `webhook` (the aiohttp HTTPS server), `certs` (the CA
-and serving certificate), `kubeapi` (the few API calls the certificate keeper makes) and `keeper`
-(stores the certificates in a Secret, patches the webhook configuration's caBundle, rotates).
+(AdmissionReview in and out), `certs` (the CA and serving certificate). I/O parts: `webhook` (the
+aiohttp HTTPS server) and `keeper` (stores the certificates in a Secret, patches the webhook
+configuration's caBundle, rotates them before they expire).
 """
 
 from .admission import BadReview, Outcome, review_pod

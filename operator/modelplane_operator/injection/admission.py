@@ -27,11 +27,13 @@ class BadReview(ValueError):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one Pod: `injected`, `skipped` or `denied`, and why."""
+    """What happened to one Pod (`subject`, namespace/name): `injected`, `skipped` or `denied`,
+    and why."""
 
     result: str
     reason: str
     review: dict[str, Any]
+    subject: str = ""
 
 
 def _request(body: Any) -> Mapping[str, Any]:
@@ -64,30 +66,33 @@ def review_pod(
     uid: str = request["uid"]
     kind = request.get("kind") or {}
     pod = request.get("object")
+    subject = f"{request.get('namespace') or ''}/{request.get('name') or ''}"
     if (
         request.get("operation") != "CREATE"
         or kind.get("kind") != "Pod"
         or kind.get("group", "") != ""
         or request.get("subResource")
     ):
-        return Outcome("skipped", "not a Pod creation", _response(uid, allowed=True))
+        return Outcome("skipped", "not a Pod creation", _response(uid, allowed=True), subject)
     if not isinstance(pod, dict):
         raise BadReview("the AdmissionReview for a Pod CREATE carries no Pod object")
-    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or ""
+    metadata = pod.get("metadata") or {}
+    namespace = request.get("namespace") or metadata.get("namespace") or ""
+    subject = f"{namespace}/{metadata.get('name') or metadata.get('generateName', '') + '*'}"
     try:
         decision = should_inject(
             pod, namespace, namespace_enabled=namespace_enabled, settings=settings
         )
         if not decision.inject:
-            return Outcome("skipped", decision.reason, _response(uid, allowed=True))
-        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+            return Outcome("skipped", decision.reason, _response(uid, allowed=True), subject)
+        annotations = metadata.get("annotations") or {}
         injection = build_patch(
             pod, SidecarSpec.for_pod(settings, annotations), settings, ca_bundle
         )
     except InjectionError as error:
         message = f"modelplane sidecar injection: {error}"
         status = {"code": 400, "reason": "BadRequest", "message": message}
-        return Outcome("denied", str(error), _response(uid, allowed=False, status=status))
+        return Outcome("denied", str(error), _response(uid, allowed=False, status=status), subject)
     fields: dict[str, Any] = {
         "allowed": True,
         "patchType": "JSONPatch",
@@ -95,4 +100,4 @@ def review_pod(
     }
     if injection.warnings:
         fields["warnings"] = injection.warnings
-    return Outcome("injected", decision.reason, _response(uid, **fields))
+    return Outcome("injected", decision.reason, _response(uid, **fields), subject)
