@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -83,6 +83,20 @@ class _StreamStart:
     first: bytes
 
 
+class StreamRewriter(Protocol):
+    def feed(self, frames: bytes) -> bytes:
+        """OpenAI SSE frames in (whole events), the app's own stream format out."""
+        ...
+
+
+class ClientDialect(Protocol):
+    """Rewrites the OpenAI-format answer for an app that speaks another API (`frontdoors/`)."""
+
+    def response_body(self, body: bytes) -> bytes: ...
+
+    def stream(self) -> StreamRewriter: ...
+
+
 @dataclass(slots=True)
 class Exchange:
     """Everything about one app request the forwarder needs besides the decision."""
@@ -94,6 +108,8 @@ class Exchange:
     received_at: float
     decision_ms: float
     request_id: str
+    #: Set when the app speaks another API than OpenAI's (e.g. Anthropic Messages).
+    dialect: ClientDialect | None = None
 
 
 def cost_usd(endpoint: EndpointRuntime, usage: Usage) -> float:
@@ -195,9 +211,10 @@ class Forwarder:
                 if ex.request.stream:
                     return await self._relay_stream(ex, endpoint, start, headers)
                 self._account(ex, endpoint, translated.usage, "ok")
-                return web.Response(
-                    body=translated.body, content_type="application/json", headers=headers
-                )
+                body = translated.body
+                if ex.dialect is not None:
+                    body = ex.dialect.response_body(body)
+                return web.Response(body=body, content_type="application/json", headers=headers)
 
         if deadline_hit:
             records.append(
@@ -343,7 +360,8 @@ class Forwarder:
         outcome = "ok"
         try:
             await response.prepare(ex.http)
-            await response.write(start.first)
+            rewrite = ex.dialect.stream().feed if ex.dialect is not None else _unchanged
+            await response.write(rewrite(start.first))
             self._metrics.ttft.labels(ex.request.model, endpoint.name).observe(
                 time.perf_counter() - ex.received_at
             )
@@ -355,11 +373,11 @@ class Forwarder:
                         if not chunk:
                             tail = translator.finish()
                             if tail:
-                                await response.write(tail)
+                                await response.write(rewrite(tail))
                             break
                         out = translator.feed(chunk)
                         if out:
-                            await response.write(out)
+                            await response.write(rewrite(out))
                         idle_timer.reschedule(loop.time() + idle)
             except TimeoutError:
                 broken = UpstreamFailure(
@@ -374,7 +392,7 @@ class Forwarder:
                 message = ex.snapshot.redact(broken.message.encode()).decode()
                 endpoint.state.breaker.record_failure(ex.decision.alias.circuit_breaker)
                 self._metrics.stream_failures.labels(endpoint.name, broken.kind.value).inc()
-                await response.write(_stream_error_event(endpoint.name, message))
+                await response.write(rewrite(_stream_error_event(endpoint.name, message)))
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             outcome = "client_disconnected"
@@ -476,6 +494,10 @@ def _connection_failure(exc: aiohttp.ClientError) -> UpstreamFailure:
         return UpstreamFailure(FailureKind.CONNECT, "upstream connection broke mid-response")
     detail = str(exc) or type(exc).__name__
     return UpstreamFailure(FailureKind.CONNECT, f"connection to upstream failed: {detail}")
+
+
+def _unchanged(frames: bytes) -> bytes:
+    return frames
 
 
 def _stream_error_event(endpoint: str, message: str) -> bytes:

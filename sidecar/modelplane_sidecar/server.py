@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .config import ConfigError, RouterConfig, load_config_file
 from .errors import ApiError, bad_request
 from .forward import Exchange, Forwarder
+from .frontdoors import anthropic as anthropic_door
+from .frontdoors.anthropic import FrontDoor
 from .metrics import SidecarMetrics
 from .providers.base import Operation
 from .routing import RoutedRequest, decide
@@ -151,6 +153,7 @@ class Sidecar:
         app.router.add_post("/v1/chat/completions", self._op_handler(Operation.CHAT))
         app.router.add_post("/v1/completions", self._op_handler(Operation.COMPLETIONS))
         app.router.add_post("/v1/embeddings", self._op_handler(Operation.EMBEDDINGS))
+        app.router.add_post("/v1/messages", self.anthropic_messages)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -198,7 +201,13 @@ class Sidecar:
 
         return handle
 
-    async def route(self, http: web.Request, op: Operation) -> web.StreamResponse:
+    async def anthropic_messages(self, http: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API, routed through the same engine (frontdoors/anthropic.py)."""
+        return await anthropic_door.serve(lambda door: self.route(http, Operation.CHAT, door))
+
+    async def route(
+        self, http: web.Request, op: Operation, front_door: FrontDoor | None = None
+    ) -> web.StreamResponse:
         received = time.perf_counter()
         snapshot = self._current()
         limit = snapshot.config.server.max_body_bytes
@@ -210,6 +219,9 @@ class Sidecar:
                 code="request_too_large",
             )
         body = _parse_body(await _read_limited(http, limit))
+        dialect = None
+        if front_door is not None:
+            body, dialect = front_door(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise bad_request("The 'model' field is required and must be a string", param="model")
@@ -223,7 +235,14 @@ class Sidecar:
         decision_s = time.perf_counter() - received
         self.metrics.decision.observe(decision_s)
         exchange = Exchange(
-            http, snapshot, routed, decision, received, decision_s * 1000, _request_id(http)
+            http,
+            snapshot,
+            routed,
+            decision,
+            received,
+            decision_s * 1000,
+            _request_id(http),
+            dialect,
         )
         return await self.forwarder.forward(exchange)
 

@@ -1,0 +1,1 @@
+"""Front doors for apps that speak another API than OpenAI's; each translates to and from it."""
