@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -30,11 +31,52 @@ def _serve(args: argparse.Namespace) -> int:
     from modelplane_sidecar.server import serve_file
 
     logs.configure(args.log_level)
+    if args.control_plane is not None:
+        return _serve_control_plane(args)
     try:
         return _run(serve_file(Path(args.config), args.host, args.port))
     except ConfigError as exc:
         print(f"modelplane serve: invalid config: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve_control_plane(args: argparse.Namespace) -> int:
+    from modelplane_sidecar.controlplane import serve_control_plane
+
+    if args.token_file is None:
+        print("modelplane serve: --control-plane needs --token-file", file=sys.stderr)
+        return 2
+    if not args.control_plane.startswith(("https://", "wss://")):
+        print("modelplane serve: --control-plane must be an https:// URL", file=sys.stderr)
+        return 2
+    return _run(
+        serve_control_plane(
+            args.control_plane,
+            Path(args.token_file),
+            args.host,
+            args.port,
+            ca_file=Path(args.ca_file) if args.ca_file else None,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            node=os.environ.get("MODELPLANE_POD_NAME", ""),
+        )
+    )
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from modelplane_operator.main import OperatorOptions, run_operator
+    from modelplane_sidecar import logs
+
+    logs.configure(args.log_level)
+    options = OperatorOptions(
+        host=args.host,
+        port=args.port,
+        tls_cert_file=Path(args.tls_cert_file),
+        tls_key_file=Path(args.tls_key_file),
+        audience=args.audience,
+        debounce_seconds=args.debounce,
+        namespaces=tuple(args.namespace or ()),
+    )
+    return _run(run_operator(options))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,7 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the routing sidecar from a RouterConfig file")
-    serve.add_argument("--config", required=True, help="RouterConfig YAML file")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="RouterConfig YAML file (standalone)")
+    source.add_argument(
+        "--control-plane",
+        metavar="URL",
+        help="the operator's config stream, e.g. https://modelplane-operator.modelplane:8443",
+    )
+    serve.add_argument("--token-file", help="projected ServiceAccount token (audience modelplane)")
+    serve.add_argument("--ca-file", help="CA bundle that signed the operator's serving cert")
+    serve.add_argument("--state-dir", help="where the last-known-good config is kept")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=15000, help="listen port (default: 15000)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -73,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start stand-in providers and the router, show routing")
     demo.set_defaults(func=_demo)
+
+    op = sub.add_parser("operator", help="run the operator (reconciler + config stream server)")
+    op.add_argument("--host", default="0.0.0.0", help="stream server address (default: 0.0.0.0)")
+    op.add_argument("--port", type=int, default=8443, help="stream server port (default: 8443)")
+    op.add_argument("--tls-cert-file", required=True, help="stream server certificate (PEM)")
+    op.add_argument("--tls-key-file", required=True, help="stream server private key (PEM)")
+    op.add_argument("--audience", default="modelplane", help="token audience sidecars must use")
+    op.add_argument(
+        "--debounce", type=float, default=0.2, help="seconds to gather a burst of changes"
+    )
+    op.add_argument(
+        "--namespace", action="append", help="watch only this namespace (repeatable; default: all)"
+    )
+    op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    op.set_defaults(func=_operator)
 
     crds = sub.add_parser("crds", help="generate the CRD YAML from the operator's spec models")
     crds.add_argument("--out", default="crds", help="output directory (default: crds)")

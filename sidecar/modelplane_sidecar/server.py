@@ -302,11 +302,15 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def create_app(config: RouterConfig, metrics: SidecarMetrics | None = None) -> web.Application:
-    """An app serving `config`; the holder is reachable as app["holder"] for reloads in tests."""
+def create_app(
+    config: RouterConfig | None, metrics: SidecarMetrics | None = None
+) -> web.Application:
+    """An app serving `config` (None: 503 until one is applied); the holder is reachable as
+    app[HOLDER_KEY] for reloads."""
     metrics = metrics or SidecarMetrics()
     holder = ConfigHolder(metrics)
-    holder.apply(config, "initial")
+    if config is not None:
+        holder.apply(config, "initial")
     sidecar = Sidecar(holder, metrics)
     app = sidecar.build_app(_HARD_BODY_LIMIT)
     app[HOLDER_KEY] = holder
@@ -327,18 +331,37 @@ async def serve_file(path: Path, host: str, port: int) -> None:
     app = create_app(config)
     holder = app[HOLDER_KEY]
     watcher = FileConfigWatcher(path, holder, config.server.watch_interval_seconds)
+    await serve_app(
+        app,
+        host,
+        port,
+        f"config {path}",
+        start=lambda: watcher.start(config.server.watch_config),
+        stop=watcher.stop,
+    )
+
+
+async def serve_app(
+    app: web.Application,
+    host: str,
+    port: int,
+    source: str,
+    start: Callable[[], None],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    """Listen on host:port, call `start` once listening, and run until SIGINT/SIGTERM."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    watcher.start(config.server.watch_config)
-    log.info("modelplane sidecar listening on http://%s:%d (config %s)", host, port, path)
-    stop = asyncio.Event()
+    start()
+    log.info("modelplane sidecar listening on http://%s:%d (%s)", host, port, source)
+    done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, done.set)
     try:
-        await stop.wait()
+        await done.wait()
     finally:
-        await watcher.stop()
+        await stop()
         await runner.cleanup()

@@ -1,0 +1,330 @@
+"""The reconcile loop behind the thin kopf handlers.
+
+Handlers only tell the controller what the API server said (`observe`, `secret_changed`). The
+controller keeps the latest body of every Modelplane object, and per namespace it debounces a
+burst of changes into one reconcile: read the referenced Secrets, call the pure compiler, publish
+the snapshot to the config hub, and write each object's status (observedGeneration, Ready,
+Applied, the sidecar counts) when it differs from what is there, with an Event on every Ready
+transition. Sidecar ACKs and NACKs only refresh the Applied part, at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .compile import (
+    CompiledNamespace,
+    NamespaceInputs,
+    Resource,
+    compile_namespace,
+    decode_secret,
+    wire_config,
+)
+from .crd_models import API_VERSION, GROUP, KINDS, MODEL_ENDPOINT, VERSION, Kind
+from .distribution.hub import ConfigHub, SidecarCounts
+from .kube import KubeClient, KubeError
+
+log = logging.getLogger("modelplane.operator")
+
+READY = "Ready"
+APPLIED = "Applied"
+_READY_FIELDS = ("status", "reason", "message")
+
+
+@dataclass(frozen=True)
+class ObjectKey:
+    kind: str
+    namespace: str
+    name: str
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _relevant(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of an object the compiler reads; a status-only update changes none of it."""
+    meta = body.get("metadata", {})
+    spent = (body.get("status") or {}).get("spentUSD")
+    return (meta.get("generation"), meta.get("creationTimestamp"), spent)
+
+
+def applied_condition(
+    in_config: bool, version: str | None, counts: SidecarCounts
+) -> tuple[str, str, str]:
+    """(status, reason, message) of the Applied condition."""
+    if not in_config or version is None:
+        return "False", "NotInConfig", "not part of the namespace's compiled config"
+    summary = (
+        f"{counts.current} of {counts.connected} connected sidecars run version {version}; "
+        f"{counts.stale} stale, {counts.rejected} rejected"
+    )
+    if counts.rejected:
+        return "False", "Rejected", f"{summary}; a sidecar said: {counts.rejection}"
+    if counts.connected == 0:
+        return "Unknown", "NoSidecars", f"no sidecar of the namespace is connected ({version})"
+    if counts.stale:
+        return "False", "Progressing", summary
+    return "True", "AllSidecarsCurrent", summary
+
+
+class Controller:
+    def __init__(
+        self,
+        kube: KubeClient,
+        hub: ConfigHub,
+        debounce_seconds: float = 0.2,
+        applied_interval_seconds: float = 1.0,
+    ) -> None:
+        self._kube = kube
+        self._hub = hub
+        self._debounce = debounce_seconds
+        self._applied_interval = applied_interval_seconds
+        self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._compiled: dict[str, CompiledNamespace] = {}
+        self._written: dict[ObjectKey, dict[str, Any]] = {}
+        self._pending: dict[str, asyncio.Task[None]] = {}
+        self._applied_pending: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._kinds = {k.kind: k for k in KINDS}
+        hub.on_change = self.sidecars_changed
+
+    # --- what the handlers call ------------------------------------------------------------
+
+    def observe(self, kind: Kind, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        key = ObjectKey(kind.kind, str(meta.get("namespace")), str(meta.get("name")))
+        if event_type == "DELETED":
+            self._objects.pop(key, None)
+            self._written.pop(key, None)
+            self.schedule(key.namespace)
+            return
+        before = self._objects.get(key)
+        self._objects[key] = body
+        if before is None or _relevant(before) != _relevant(body):
+            self.schedule(key.namespace)
+
+    def secret_changed(self, namespace: str, name: str) -> None:
+        for key, body in self._objects.items():
+            if key.kind != MODEL_ENDPOINT.kind or key.namespace != namespace:
+                continue
+            ref = ((body.get("spec") or {}).get("credentials") or {}).get("secretRef") or {}
+            if ref.get("name") == name:
+                self.schedule(namespace)
+                return
+
+    def sidecars_changed(self, namespace: str) -> None:
+        """Called by the hub on connect, disconnect, ACK and NACK: refresh Applied, throttled."""
+        if namespace in self._applied_pending or namespace not in self._compiled:
+            return
+        loop = asyncio.get_running_loop()
+        self._applied_pending[namespace] = loop.create_task(self._applied_later(namespace))
+
+    # --- reconcile -------------------------------------------------------------------------
+
+    def schedule(self, namespace: str) -> None:
+        if namespace in self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        self._pending[namespace] = loop.create_task(self._debounced(namespace))
+
+    async def _debounced(self, namespace: str) -> None:
+        await asyncio.sleep(self._debounce)
+        # Changes that arrive from here on schedule a fresh reconcile.
+        self._pending.pop(namespace, None)
+        await self.reconcile(namespace)
+
+    async def _applied_later(self, namespace: str) -> None:
+        await asyncio.sleep(self._applied_interval)
+        self._applied_pending.pop(namespace, None)
+        compiled = self._compiled.get(namespace)
+        if compiled is not None:
+            async with self._lock(namespace):
+                await self._write_statuses(compiled)
+
+    def _lock(self, namespace: str) -> asyncio.Lock:
+        lock = self._locks.get(namespace)
+        if lock is None:
+            lock = self._locks[namespace] = asyncio.Lock()
+        return lock
+
+    async def _inputs(self, namespace: str) -> NamespaceInputs:
+        by_kind: dict[str, list[Resource]] = {k.kind: [] for k in KINDS}
+        secret_names: set[str] = set()
+        for key, body in self._objects.items():
+            if key.namespace != namespace:
+                continue
+            by_kind[key.kind].append(Resource.from_body(body))
+            if key.kind == MODEL_ENDPOINT.kind:
+                spec = body.get("spec") or {}
+                ref = (spec.get("credentials") or {}).get("secretRef") or {}
+                if isinstance(ref.get("name"), str):
+                    secret_names.add(ref["name"])
+        secrets: dict[str, dict[str, str]] = {}
+        for name in sorted(secret_names):
+            secret = await self._kube.get_secret(namespace, name)
+            if secret is not None:
+                secrets[name] = decode_secret(secret)
+        return NamespaceInputs(
+            namespace,
+            endpoints=by_kind["ModelEndpoint"],
+            policies=by_kind["RoutingPolicy"],
+            budgets=by_kind["Budget"],
+            secrets=secrets,
+        )
+
+    async def reconcile(self, namespace: str) -> CompiledNamespace | None:
+        async with self._lock(namespace):
+            try:
+                inputs = await self._inputs(namespace)
+            except (KubeError, OSError, TimeoutError) as exc:
+                log.error("reading Secrets of %s failed, retrying: %s", namespace, exc)
+                self._retry_later(namespace)
+                return None
+            compiled = compile_namespace(inputs)
+            config = compiled.config
+            if self._hub.publish(
+                namespace, compiled.version, wire_config(config) if config is not None else None
+            ):
+                log.info(
+                    "namespace %s: config version %s published",
+                    namespace,
+                    compiled.version,
+                    extra={"namespace": namespace, "version": compiled.version},
+                )
+            self._compiled[namespace] = compiled
+            if not inputs.endpoints and not inputs.policies and not inputs.budgets:
+                self._compiled.pop(namespace, None)
+            await self._write_statuses(compiled)
+            return compiled
+
+    def _retry_later(self, namespace: str) -> None:
+        async def later() -> None:
+            await asyncio.sleep(5.0)
+            self.schedule(namespace)
+
+        asyncio.get_running_loop().create_task(later())
+
+    # --- status ----------------------------------------------------------------------------
+
+    def _status_for(self, key: ObjectKey, compiled: CompiledNamespace) -> dict[str, Any] | None:
+        verdict = compiled.verdicts.get((key.kind, key.name))
+        body = self._objects.get(key)
+        if verdict is None or body is None:
+            return None
+        old_conditions = {
+            c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []
+        }
+        counts = self._hub.counts(key.namespace)
+        ready = (
+            "True" if verdict.ready else "False",
+            verdict.reason,
+            verdict.message or ("compiled" if verdict.ready else ""),
+        )
+        conditions = [self._condition(READY, *ready, verdict.generation, old_conditions)]
+        if key.kind != "Budget":
+            applied = applied_condition(verdict.in_config, compiled.version, counts)
+            conditions.append(
+                self._condition(APPLIED, *applied, verdict.generation, old_conditions)
+            )
+        status: dict[str, Any] = {
+            "observedGeneration": verdict.generation,
+            "conditions": conditions,
+        }
+        if key.kind != "Budget":
+            status["configVersion"] = compiled.version if verdict.in_config else None
+            status["sidecars"] = {
+                "connected": counts.connected,
+                "current": counts.current,
+                "stale": counts.stale,
+                "rejected": counts.rejected,
+            }
+        return status
+
+    @staticmethod
+    def _condition(
+        type_: str,
+        status: str,
+        reason: str,
+        message: str,
+        generation: int,
+        old: Mapping[Any, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        before = old.get(type_) or {}
+        changed = before.get("status") != status
+        return {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": generation,
+            "lastTransitionTime": _now() if changed else before.get("lastTransitionTime", _now()),
+        }
+
+    async def _write_statuses(self, compiled: CompiledNamespace) -> None:
+        keys = [k for k in self._objects if k.namespace == compiled.namespace]
+        for key in sorted(keys, key=lambda k: (k.kind, k.name)):
+            status = self._status_for(key, compiled)
+            if status is None:
+                continue
+            comparable = _without_times(status)
+            if self._written.get(key) == comparable:
+                continue
+            previous = self._written.get(key) or self._objects[key].get("status")
+            kind = self._kinds[key.kind]
+            try:
+                await self._kube.patch_status(
+                    GROUP, VERSION, kind.plural, key.namespace, key.name, status
+                )
+            except KubeError as exc:
+                if exc.status != 404:
+                    log.error("status of %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
+                continue
+            self._written[key] = comparable
+            await self._ready_event(key, status, previous)
+
+    async def _ready_event(
+        self, key: ObjectKey, status: Mapping[str, Any], previous: Mapping[str, Any] | None
+    ) -> None:
+        ready = status["conditions"][0]
+        conditions = (previous or {}).get("conditions") or []
+        before = next((c for c in conditions if c.get("type") == READY), None)
+        if before is not None and all(before.get(f) == ready[f] for f in _READY_FIELDS):
+            return
+        body = self._objects.get(key)
+        if body is None or (before is None and ready["status"] == "True"):
+            return
+        meta = body.get("metadata", {})
+        involved = {
+            "apiVersion": API_VERSION,
+            "kind": key.kind,
+            "namespace": key.namespace,
+            "name": key.name,
+            "uid": str(meta.get("uid", "")),
+        }
+        type_ = "Normal" if ready["status"] == "True" else "Warning"
+        try:
+            await self._kube.post_event(
+                involved, type_, ready["reason"], ready["message"] or ready["reason"]
+            )
+        except KubeError as exc:
+            log.warning("event for %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
+
+    async def close(self) -> None:
+        tasks = [*self._pending.values(), *self._applied_pending.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _without_times(status: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(status)
+    out["conditions"] = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status["conditions"]
+    ]
+    return out

@@ -1,0 +1,200 @@
+"""Who runs which config: one channel per namespace, one session per connected sidecar.
+
+The xDS rule the hub keeps: at most one config in flight per sidecar. A new version is pushed to a
+sidecar only when it has answered the previous push (ACK or NACK); a sidecar that is still busy
+gets the newest version as soon as it answers, never the versions in between. A version a sidecar
+NACKed is not pushed to it again. The snapshot message is serialised once per version and shared
+by every session of the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from modelplane_sidecar.controlplane import config_message
+
+log = logging.getLogger("modelplane.operator.hub")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a sidecar is, as the TokenReview API vouched for it."""
+
+    namespace: str
+    service_account: str
+    username: str
+    pod: str | None = None
+
+
+@dataclass(frozen=True)
+class SidecarCounts:
+    connected: int = 0
+    current: int = 0
+    stale: int = 0
+    rejected: int = 0
+    #: One NACK error for the current version, for the Applied condition's message.
+    rejection: str | None = None
+
+
+Send = Callable[[bytes], Awaitable[None]]
+
+
+class Session:
+    """One connected sidecar and where it stands."""
+
+    def __init__(self, identity: Identity, node: str, send: Send, running: str | None) -> None:
+        self.identity = identity
+        self.node = node
+        self._send = send
+        #: The version the sidecar runs (its hello, then every ACK).
+        self.acked: str | None = running
+        #: The last version it refused, with its error.
+        self.rejected: tuple[str, str] | None = None
+        #: The version pushed and not yet answered.
+        self.inflight: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def namespace(self) -> str:
+        return self.identity.namespace
+
+    def __repr__(self) -> str:
+        return f"Session({self.namespace}/{self.node}, acked={self.acked})"
+
+    def offer(self, channel: Channel) -> None:
+        """Push the channel's version unless one is in flight or the sidecar has answered it."""
+        version, message = channel.version, channel.message
+        if self.closed or version is None or message is None or self.inflight is not None:
+            return
+        if version == self.acked or (self.rejected is not None and self.rejected[0] == version):
+            return
+        self.inflight = version
+        self._task = asyncio.get_running_loop().create_task(self._push(message))
+
+    async def _push(self, message: bytes) -> None:
+        try:
+            await self._send(message)
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("push to %s failed: %s", self, exc)
+            self.closed = True
+
+    def answered(self, version: str, error: str | None) -> bool:
+        """Record an ACK (error None) or NACK; False when it answers nothing we sent."""
+        if version != self.inflight:
+            return False
+        self.inflight = None
+        if error is None:
+            self.acked, self.rejected = version, None
+        else:
+            self.rejected = (version, error)
+        return True
+
+
+@dataclass
+class Channel:
+    """A namespace's current config and the sessions that should run it."""
+
+    version: str | None = None
+    message: bytes | None = None
+    sessions: set[Session] = field(default_factory=set)
+
+    def counts(self) -> SidecarCounts:
+        current = rejected = 0
+        rejection = None
+        for s in self.sessions:
+            if self.version is not None and s.acked == self.version:
+                current += 1
+            elif s.rejected is not None and s.rejected[0] == self.version:
+                rejected += 1
+                rejection = rejection or s.rejected[1]
+        connected = len(self.sessions)
+        return SidecarCounts(
+            connected, current, connected - current - rejected, rejected, rejection
+        )
+
+
+class ConfigHub:
+    """Namespace channels; `on_change(namespace)` is called whenever its counts may change."""
+
+    def __init__(self, on_change: Callable[[str], None] | None = None) -> None:
+        self._channels: dict[str, Channel] = {}
+        self.on_change = on_change
+
+    def _channel(self, namespace: str) -> Channel:
+        channel = self._channels.get(namespace)
+        if channel is None:
+            channel = self._channels[namespace] = Channel()
+        return channel
+
+    def _changed(self, namespace: str) -> None:
+        if self.on_change is not None:
+            self.on_change(namespace)
+
+    def version(self, namespace: str) -> str | None:
+        channel = self._channels.get(namespace)
+        return channel.version if channel else None
+
+    def counts(self, namespace: str) -> SidecarCounts:
+        channel = self._channels.get(namespace)
+        return channel.counts() if channel else SidecarCounts()
+
+    def sessions(self, namespace: str) -> list[Session]:
+        channel = self._channels.get(namespace)
+        return sorted(channel.sessions, key=lambda s: s.node) if channel else []
+
+    def publish(self, namespace: str, version: str | None, config: dict[str, Any] | None) -> bool:
+        """Make `config` the namespace's current one and offer it to every session.
+
+        Returns False when the version is already current. None withdraws the config: sidecars
+        keep what they run (as they do while the operator is away) but get nothing new.
+        """
+        channel = self._channel(namespace)
+        if version == channel.version:
+            return False
+        channel.version = version
+        channel.message = (
+            orjson.dumps(config_message(version, config))
+            if version is not None and config is not None
+            else None
+        )
+        for session in channel.sessions:
+            session.offer(channel)
+        self._changed(namespace)
+        return True
+
+    def connect(self, session: Session) -> None:
+        channel = self._channel(session.namespace)
+        channel.sessions.add(session)
+        session.offer(channel)
+        self._changed(session.namespace)
+
+    def disconnect(self, session: Session) -> None:
+        session.closed = True
+        channel = self._channels.get(session.namespace)
+        if channel is not None:
+            channel.sessions.discard(session)
+            self._changed(session.namespace)
+
+    def answer(self, session: Session, version: str, error: str | None) -> None:
+        """An ACK (error None) or NACK from a session; pushes the newest version if it moved on."""
+        if not session.answered(version, error):
+            log.debug("ignoring an answer for version %s that %s was not sent", version, session)
+            return
+        if error is not None:
+            log.warning(
+                "sidecar %s in %s rejected config %s: %s",
+                session.node,
+                session.namespace,
+                version,
+                error,
+            )
+        channel = self._channel(session.namespace)
+        session.offer(channel)
+        self._changed(session.namespace)

@@ -1,0 +1,157 @@
+"""The config stream endpoint: an aiohttp WebSocket server over TLS.
+
+GET /v1/config/stream with `Authorization: Bearer <token>` is authenticated before the upgrade
+(401 with the reason otherwise). The first message must be the sidecar's hello; after that the
+hub pushes snapshots and the sidecar answers each with an ACK or a NACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from modelplane_sidecar.controlplane import ACK, HELLO, MAX_NACK_ERROR, NACK, STREAM_PATH
+
+from ..kube import KubeError
+from .auth import Authenticator, AuthError
+from .hub import ConfigHub, Identity, Session
+
+log = logging.getLogger("modelplane.operator.stream")
+
+HELLO_TIMEOUT_SECONDS = 10.0
+#: A config with a few hundred endpoints is well below this; it bounds what a sidecar can send.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def _error(status: int, message: str) -> web.Response:
+    body = orjson.dumps({"error": {"message": message, "code": status}})
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _text(value: object, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+class StreamServer:
+    def __init__(self, hub: ConfigHub, authenticator: Authenticator) -> None:
+        self.hub = hub
+        self.authenticator = authenticator
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(STREAM_PATH, self.stream)
+        app.router.add_get("/healthz", self.healthz)
+        app.on_shutdown.append(self._close_sockets)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _close_sockets(self, app: web.Application) -> None:
+        await asyncio.gather(
+            *(ws.close(code=1001, message=b"operator shutting down") for ws in set(self._sockets)),
+            return_exceptions=True,
+        )
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _error(
+                401, "missing bearer token (the sidecar's projected ServiceAccount token)"
+            )
+        try:
+            identity = await self.authenticator.authenticate(token.strip())
+        except AuthError as exc:
+            log.info("refused a sidecar from %s: %s", request.remote, exc)
+            return _error(401, str(exc))
+        except (KubeError, OSError, TimeoutError) as exc:
+            log.error("TokenReview failed: %s", exc)
+            return _error(503, "cannot verify the token right now; retry later")
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        try:
+            await self._serve(ws, identity, request.remote or "")
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, identity: Identity, remote: str) -> None:
+        try:
+            first = await ws.receive(timeout=HELLO_TIMEOUT_SECONDS)
+        except TimeoutError:
+            await ws.close(code=4000, message=b"expected a hello message")
+            return
+        hello = _decode(first.data) if first.type in (WSMsgType.TEXT, WSMsgType.BINARY) else None
+        if hello is None or hello.get("type") != HELLO:
+            await ws.close(code=4000, message=b"expected a hello message")
+            return
+        node = identity.pod or _text(hello.get("node"), 253) or remote
+
+        async def send(message: bytes) -> None:
+            await ws.send_frame(message, WSMsgType.TEXT)
+
+        session = Session(identity, node, send, _text(hello.get("version"), 64))
+        log.info(
+            "sidecar %s connected (namespace %s, serviceaccount %s, running %s)",
+            node,
+            identity.namespace,
+            identity.service_account,
+            session.acked,
+        )
+        self.hub.connect(session)
+        try:
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break
+                data = _decode(msg.data)
+                version = _text(data.get("version"), 64) if data else None
+                if data is None or version is None:
+                    continue
+                if data.get("type") == ACK:
+                    self.hub.answer(session, version, None)
+                elif data.get("type") == NACK:
+                    error = _text(data.get("error"), MAX_NACK_ERROR) or "no reason given"
+                    self.hub.answer(session, version, error)
+        finally:
+            self.hub.disconnect(session)
+            log.info("sidecar %s in %s disconnected", node, identity.namespace)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        """Listen; returns the bound port (useful with port 0)."""
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=2048)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        bound = int(sockets[0].getsockname()[1]) if sockets else port
+        scheme = "https" if ssl_context else "http"
+        log.info("config stream listening on %s://%s:%d%s", scheme, host, bound, STREAM_PATH)
+        return bound
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def _decode(raw: str | bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

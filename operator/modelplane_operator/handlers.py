@@ -1,0 +1,40 @@
+"""kopf handlers: thin on purpose. Each one hands what the API server said to the Controller.
+
+There are no create/update/delete handlers, so kopf never writes finalizers or annotations to
+our objects or to Secrets; all writes (status, Events) go through the controller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from .controller import Controller
+from .crd_models import GROUP, KINDS, VERSION, Kind
+
+
+def build_registry(
+    controller: Controller, credentials: kopf.ConnectionInfo
+) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return credentials
+
+    async def on_resource(event: kopf.RawEvent, param: Any = None, **_: Any) -> None:
+        kind: Kind = param
+        controller.observe(kind, event["type"], event["object"])
+
+    for kind in KINDS:
+        kopf.on.event(GROUP, VERSION, kind.plural, registry=registry, param=kind, id=kind.plural)(
+            on_resource
+        )
+
+    @kopf.on.event("", "v1", "secrets", registry=registry)
+    async def on_secret(event: kopf.RawEvent, **_: Any) -> None:
+        meta = event["object"].get("metadata", {})
+        controller.secret_changed(str(meta.get("namespace")), str(meta.get("name")))
+
+    return registry

@@ -1,0 +1,64 @@
+"""`modelplane operator`: the reconciler (kopf) and the config stream server in one process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import kopf
+
+from .controller import Controller
+from .distribution.auth import Authenticator
+from .distribution.hub import ConfigHub
+from .distribution.server import StreamServer, server_ssl_context
+from .handlers import build_registry
+from .kube import KubeClient, load_credentials
+
+log = logging.getLogger("modelplane.operator")
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    tls_cert_file: Path
+    tls_key_file: Path
+    host: str = "0.0.0.0"
+    port: int = 8443
+    audience: str = "modelplane"
+    debounce_seconds: float = 0.2
+    #: Namespaces to watch; empty: the whole cluster.
+    namespaces: tuple[str, ...] = ()
+
+
+def operator_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    return settings
+
+
+async def run_operator(options: OperatorOptions) -> int:
+    # kopf logs every handler run at info level, with its settings attached: keep only problems.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    credentials = load_credentials()
+    kube = KubeClient(credentials)
+    hub = ConfigHub()
+    controller = Controller(kube, hub, options.debounce_seconds)
+    stream = StreamServer(hub, Authenticator(kube.token_review, options.audience))
+    context = server_ssl_context(str(options.tls_cert_file), str(options.tls_key_file))
+    await stream.start(options.host, options.port, context)
+    try:
+        await kopf.operator(
+            registry=build_registry(controller, credentials),
+            settings=operator_settings(),
+            standalone=True,
+            clusterwide=not options.namespaces,
+            namespaces=options.namespaces,
+        )
+    finally:
+        await controller.close()
+        await stream.stop()
+        await kube.close()
+    return 0

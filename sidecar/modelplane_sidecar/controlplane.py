@@ -1,0 +1,280 @@
+"""The sidecar's side of the config stream: receive RouterConfig snapshots from the operator.
+
+Modelled on Envoy's xDS: the sidecar opens one long-lived WebSocket to the operator (TLS, with its
+projected ServiceAccount token as a bearer token), says which version it already runs, and then
+gets a full snapshot `{version, config}` whenever its namespace's config changes. Each snapshot is
+validated with the same `parse_config` a file goes through, swapped in atomically, written to the
+state dir as last-known-good, and answered with an ACK; one that cannot be applied is answered
+with a NACK carrying the error, and the old config keeps serving. When the operator is away the
+client reconnects with exponential backoff and full jitter, and the sidecar keeps serving from
+memory, or, after a restart of its own, from the last-known-good file.
+
+The message shapes below are the protocol; the operator imports them from here (the sidecar never
+imports the operator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .config import ConfigError, RouterConfig, parse_config
+from .server import HOLDER_KEY, ConfigHolder, create_app, serve_app
+
+log = logging.getLogger("modelplane.sidecar.controlplane")
+
+#: The stream's path on the operator.
+STREAM_PATH = "/v1/config/stream"
+#: Message types. Sidecar -> operator: hello (first), ack, nack. Operator -> sidecar: config.
+HELLO, CONFIG, ACK, NACK = "hello", "config", "ack", "nack"
+#: The longest error text a NACK carries.
+MAX_NACK_ERROR = 2000
+
+_STATE_FILE = "config.json"
+
+
+def hello(node: str, version: str | None) -> dict[str, Any]:
+    return {"type": HELLO, "node": node, "version": version}
+
+
+def ack(version: str) -> dict[str, Any]:
+    return {"type": ACK, "version": version}
+
+
+def nack(version: str | None, error: str) -> dict[str, Any]:
+    return {"type": NACK, "version": version, "error": error[:MAX_NACK_ERROR]}
+
+
+def config_message(version: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"type": CONFIG, "version": version, "config": config}
+
+
+class LastKnownGood:
+    """The last config this sidecar applied, kept in a file that survives its restart.
+
+    The file holds credentials, so it is written with mode 0600, atomically (temp file in the
+    same directory, fsync, rename), and never logged.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / _STATE_FILE
+        self._dir = state_dir
+
+    def load(self) -> tuple[RouterConfig, dict[str, Any]] | None:
+        """The stored config, or None when there is none or it no longer validates."""
+        try:
+            raw = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("ignoring unreadable last-known-good config %s: %s", self.path, exc)
+            return None
+        try:
+            data = raw["config"]
+            return parse_config(data, f"last-known-good {self.path}"), data
+        except (KeyError, TypeError, ConfigError) as exc:
+            log.warning("ignoring invalid last-known-good config: %s", exc)
+            return None
+
+    def save(self, version: str, config: dict[str, Any]) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        body = orjson.dumps({"version": version, "config": config})
+        fd, tmp = tempfile.mkstemp(prefix=".config-", dir=self._dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**attempt))."""
+
+    base_seconds: float = 0.5
+    cap_seconds: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap_seconds, self.base_seconds * 2 ** min(attempt, 30)))
+
+
+class StreamRefused(Exception):
+    """The operator answered the upgrade with an error (bad token, wrong audience...)."""
+
+
+class ControlPlaneClient:
+    """Keeps one stream to the operator open and applies what arrives on it."""
+
+    def __init__(
+        self,
+        url: str,
+        token_file: Path,
+        holder: ConfigHolder,
+        *,
+        ca_file: Path | None = None,
+        state: LastKnownGood | None = None,
+        node: str = "",
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._url = url.rstrip("/") + STREAM_PATH if not url.endswith(STREAM_PATH) else url
+        self._token_file = token_file
+        self._holder = holder
+        self._ca_file = ca_file
+        self._state = state
+        self._node = node or os.uname().nodename
+        self._backoff = backoff or Backoff()
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        #: Version of the config this client applied (or restored) last.
+        self._serving_version: str | None = None
+
+    def restore(self) -> bool:
+        """Serve the last-known-good config, if there is one; call before start()."""
+        if self._state is None:
+            return False
+        stored = self._state.load()
+        if stored is None:
+            return False
+        config, _ = stored
+        self._holder.apply(config, "last-known-good")
+        self._serving_version = config.version()
+        return True
+
+    def _ssl(self) -> ssl.SSLContext:
+        # Verified against --ca-file (else the system CAs); plain ws:// URLs ignore it.
+        return ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+
+    def _token(self) -> str:
+        # Projected tokens are rotated by the kubelet: read the file again on every connect.
+        return self._token_file.read_text().strip()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="control-plane")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Connect, stream, reconnect with backoff; until cancelled."""
+        attempt = 0
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                try:
+                    got_config = await self._stream(http)
+                except asyncio.CancelledError:
+                    raise
+                except StreamRefused as exc:
+                    log.error("control plane refused the stream: %s", exc)
+                    got_config = False
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.warning("control plane unreachable: %s", exc or type(exc).__name__)
+                    got_config = False
+                self.connected.clear()
+                attempt = 0 if got_config else attempt + 1
+                delay = self._backoff.delay(attempt)
+                log.info("reconnecting to the control plane in %.2fs", delay)
+                await asyncio.sleep(delay)
+
+    async def _stream(self, http: aiohttp.ClientSession) -> bool:
+        """One connection; returns whether it delivered a config (resets the backoff)."""
+        headers = {"authorization": f"Bearer {self._token()}"}
+        delivered = False
+        try:
+            ws = await http.ws_connect(
+                self._url, headers=headers, ssl=self._ssl(), heartbeat=20, timeout=_WS_TIMEOUT
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise StreamRefused(f"HTTP {exc.status}: {exc.message}") from None
+        async with ws:
+            await ws.send_str(orjson.dumps(hello(self._node, self._serving_version)).decode())
+            self.connected.set()
+            log.info("connected to the control plane at %s", self._url)
+            async for msg in ws:
+                if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    break
+                try:
+                    data = orjson.loads(msg.data)
+                except orjson.JSONDecodeError:
+                    log.warning("ignoring a control-plane message that is not JSON")
+                    continue
+                if isinstance(data, dict) and data.get("type") == CONFIG:
+                    reply = await self._apply(data)
+                    delivered = delivered or reply["type"] == ACK
+                    await ws.send_str(orjson.dumps(reply).decode())
+        return delivered
+
+    async def _apply(self, message: dict[str, Any]) -> dict[str, Any]:
+        version = message.get("version")
+        data = message.get("config")
+        if not isinstance(version, str) or not isinstance(data, dict):
+            return nack(version if isinstance(version, str) else None, "malformed config message")
+        loop = asyncio.get_running_loop()
+        try:
+            config = parse_config(data, f"control-plane config {version}")
+            if config.version() != version:
+                raise ConfigError(
+                    f"config version {config.version()!r} does not match message version "
+                    f"{version!r}"
+                )
+            self._holder.apply(config, f"control-plane:{version}")
+        except Exception as exc:  # anything that stops the swap is reported, never swallowed
+            self._holder.reject(exc, f"control-plane:{version}")
+            return nack(version, str(exc) or type(exc).__name__)
+        self._serving_version = version
+        if self._state is not None:
+            try:
+                await loop.run_in_executor(None, self._state.save, version, data)
+            except OSError as exc:
+                # Serving the new config matters more than persisting it: ACK, but say so.
+                log.error("could not write last-known-good config: %s", exc.strerror)
+        return ack(version)
+
+
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0)
+
+
+async def serve_control_plane(
+    url: str,
+    token_file: Path,
+    host: str,
+    port: int,
+    *,
+    ca_file: Path | None = None,
+    state_dir: Path | None = None,
+    node: str = "",
+) -> None:
+    """Run the sidecar with its config from the operator's stream until SIGINT/SIGTERM."""
+    app = create_app(None)
+    state = LastKnownGood(state_dir) if state_dir is not None else None
+    if state is None:
+        log.warning("no --state-dir: configs are not kept across a restart of the sidecar")
+    client = ControlPlaneClient(
+        url, token_file, app[HOLDER_KEY], ca_file=ca_file, state=state, node=node
+    )
+    if client.restore():
+        log.info("serving the last-known-good config until the control plane answers")
+    await serve_app(app, host, port, f"control plane {url}", start=client.start, stop=client.stop)
