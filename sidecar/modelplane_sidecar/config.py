@@ -173,6 +173,14 @@ class Pricing(_Model):
     cached_input_per_mtok: float | None = Field(default=None, ge=0)
 
 
+class EndpointLimits(_Model):
+    """Rate and concurrency limits of one endpoint (e.g. the provider account's quota)."""
+
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    max_concurrency: int | None = Field(default=None, gt=0)
+
+
 class Endpoint(_Model):
     """One callable model at one provider."""
 
@@ -187,6 +195,8 @@ class Endpoint(_Model):
     tags: tuple[str, ...] = ()
     pricing: Pricing = Pricing()
     context_window: int | None = Field(default=None, gt=0)
+    #: Client-side limits the router keeps this endpoint under (routing filters skip it when full).
+    limits: EndpointLimits = EndpointLimits()
     #: Extra headers sent upstream on every call (e.g. an organisation id). Not secret.
     headers: dict[str, str] = Field(default_factory=dict)
     #: Provider-specific settings (e.g. Azure's apiVersion/deployment, Bedrock's region): see
@@ -253,15 +263,255 @@ class CircuitBreakerPolicy(_Model):
     half_open_successes: int = Field(default=1, ge=1, le=100)
 
 
-class ModelAlias(_Model):
-    """A model name apps ask for, mapped to an ordered fallback chain of endpoints."""
+# -- routing: rules, strategies, data sensitivity, budget state (docs/routing.md) ----------------
+
+
+class Strategy(StrEnum):
+    """How a rule orders its candidate endpoints; the first is tried, the rest are fallbacks."""
+
+    PRIORITY = "priority"
+    WEIGHTED = "weighted"
+    LOWEST_LATENCY = "lowest-latency"
+    LOWEST_COST = "lowest-cost"
+    LEAST_LOADED = "least-loaded"
+    COMPLEXITY_TIERS = "complexity-tiers"
+
+
+class Tier(StrEnum):
+    CHEAP = "cheap"
+    STANDARD = "standard"
+    PREMIUM = "premium"
+
+
+class Target(_Model):
+    """One endpoint a rule may send to. A plain string is short for `{endpoint: NAME}`."""
+
+    endpoint: NonEmptyName
+    #: Share of traffic under the `weighted` strategy (relative to the other targets' weights).
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+    #: The tier this endpoint serves under the `complexity-tiers` strategy.
+    tier: Tier | None = None
+    #: A/B arm label for metrics (`weighted`); defaults to the endpoint name.
+    arm: NonEmptyName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"endpoint": data} if isinstance(data, str) else data
+
+    def arm_label(self) -> str:
+        return self.arm or self.endpoint
+
+
+class TierThresholds(_Model):
+    """Complexity scores (0..1) at which `complexity-tiers` moves up a tier."""
+
+    standard: float = Field(default=0.35, ge=0, le=1)
+    premium: float = Field(default=0.65, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TierThresholds:
+        if self.standard > self.premium:
+            raise ValueError(
+                f"tiers.standard ({self.standard}) must not be above tiers.premium ({self.premium})"
+            )
+        return self
+
+
+class StrategyOptions(_Model):
+    #: `weighted`: request headers whose value keeps a user/session on one arm (first present
+    #: wins; the body's `user` field is the last resort; with none, each request draws anew).
+    sticky_headers: tuple[str, ...] = ("x-modelplane-session", "x-user-id")
+    #: `lowest-latency`: share of requests sent to a random candidate so recovery is noticed.
+    exploration: float = Field(default=0.05, ge=0, le=1)
+    tiers: TierThresholds = TierThresholds()
+    #: `lowest-cost`: output tokens assumed when the request sets no max_tokens.
+    expected_output_tokens: int = Field(default=256, ge=0, le=10_000_000)
+    #: Keep the other candidates as a fallback chain after the picked one.
+    fallback: bool = True
+    #: Let a budget in `downgrade` mode reorder this route cheapest-first.
+    budget_downgrade: bool = True
+
+    @field_validator("sticky_headers")
+    @classmethod
+    def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in v)
+
+
+class ScoreRange(_Model):
+    """`min <= score < max` (a max of 1 includes 1)."""
+
+    min: float = Field(default=0.0, ge=0, le=1)
+    max: float = Field(default=1.0, ge=0, le=1)
+
+    def contains(self, score: float) -> bool:
+        return self.min <= score and (score < self.max or (self.max >= 1.0 and score <= 1.0))
+
+
+class TokenRange(_Model):
+    """`min <= tokens < max` (no max: unbounded)."""
+
+    min: int = Field(default=0, ge=0)
+    max: int | None = Field(default=None, gt=0)
+
+    def contains(self, tokens: int) -> bool:
+        return self.min <= tokens and (self.max is None or tokens < self.max)
+
+
+OperationName = Literal["chat", "completions", "embeddings"]
+
+
+class Detector(StrEnum):
+    """Sensitive-data detectors run on every request (routing/classify/sensitivity.py)."""
+
+    EMAIL = "email"
+    PHONE = "phone"
+    PAYMENT_CARD = "payment-card"
+    IBAN = "iban"
+    US_SSN = "us-ssn"
+    IP_ADDRESS = "ip-address"
+    SECRET = "secret"
+
+
+class RuleMatch(_Model):
+    """Conditions of a rule; all given ones must hold (an empty match matches everything)."""
+
+    #: Requested model aliases (any of).
+    models: tuple[NonEmptyName, ...] = ()
+    operations: tuple[OperationName, ...] = ()
+    #: Data classes of the request (any of), from detectors, the declared header or the default.
+    data_classes: tuple[NonEmptyName, ...] = ()
+    #: Detector findings (any of).
+    labels: tuple[Detector, ...] = ()
+    complexity: ScoreRange | None = None
+    tokens: TokenRange | None = None
+    #: Header name -> accepted values (any of); `"*"` accepts any value as long as it is present.
+    headers: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    #: Key of the body's `metadata` object -> accepted values (any of); `"*"` as for headers.
+    metadata: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    tools: bool | None = None
+    images: bool | None = None
+    stream: bool | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _lower_headers(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        return {k.lower(): vals for k, vals in v.items()}
+
+
+class Rule(_Model):
+    """An ordered routing rule: the first whose match holds chooses the targets and strategy."""
 
     name: NonEmptyName
-    endpoints: tuple[NonEmptyName, ...] = Field(min_length=1)
+    description: str | None = None
+    match: RuleMatch = RuleMatch()
+    strategy: Strategy = Strategy.PRIORITY
+    targets: tuple[Target, ...] = Field(min_length=1)
+    options: StrategyOptions = StrategyOptions()
+
+
+class DataClass(_Model):
+    """A class of data; requests of a restricted class only go to endpoints it allows."""
+
+    name: NonEmptyName
+    #: An endpoint may receive this class only if it has one of these tags (empty: any endpoint).
+    allowed_tags: tuple[str, ...] = ()
+    description: str | None = None
+
+
+_DEFAULT_DETECTORS: dict[Detector, str] = {
+    Detector.EMAIL: "pii",
+    Detector.PHONE: "pii",
+    Detector.PAYMENT_CARD: "pii",
+    Detector.IBAN: "pii",
+    Detector.US_SSN: "pii",
+    Detector.IP_ADDRESS: "pii",
+    Detector.SECRET: "secret",
+}
+
+
+class SensitivityPolicy(_Model):
+    """Data classes, which detector puts a request in which class, and the default class."""
+
+    default_class: NonEmptyName = "public"
+    classes: tuple[DataClass, ...] = (
+        DataClass(name="public"),
+        DataClass(name="pii"),
+        DataClass(name="secret"),
+    )
+    #: Detector -> the class its finding puts the request in; a detector not listed is off.
+    detectors: dict[Detector, NonEmptyName] = Field(
+        default_factory=lambda: dict(_DEFAULT_DETECTORS)
+    )
+    #: Request header in which an app declares a class; it can add a class, never remove one.
+    declared_class_header: str | None = "x-modelplane-data-class"
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> SensitivityPolicy:
+        names = [c.name for c in self.classes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate data class names: {', '.join(dupes)}")
+        if self.default_class not in names:
+            raise ValueError(f"defaultClass {self.default_class!r} is not one of the classes")
+        for detector, cls_name in self.detectors.items():
+            if cls_name not in names:
+                raise ValueError(
+                    f"detector {detector.value!r} refers to unknown data class {cls_name!r}"
+                )
+        return self
+
+    def data_class(self, name: str) -> DataClass | None:
+        for c in self.classes:
+            if c.name == name:
+                return c
+        return None
+
+
+class BudgetMode(StrEnum):
+    NORMAL = "normal"
+    #: Routes with `options.budgetDowngrade` try their cheapest candidates first.
+    DOWNGRADE = "downgrade"
+    #: Requests are refused with 429 until the budget's period rolls over.
+    STOP = "stop"
+
+
+class BudgetState(_Model):
+    """Spend state the operator derives from Budget resources; standalone configs may set it."""
+
+    mode: BudgetMode = BudgetMode.NORMAL
+    #: Name of the budget that set this mode (shown in errors and decision traces).
+    budget: str | None = None
+
+
+class ModelAlias(_Model):
+    """A model name apps ask for, mapped to an ordered fallback chain of endpoints.
+
+    `endpoints` is the plain chain; `targets` with a `strategy` route the alias's requests the way
+    a rule would (give one of the two). Rules may override the route for matching requests.
+    """
+
+    name: NonEmptyName
+    endpoints: tuple[NonEmptyName, ...] = ()
+    strategy: Strategy = Strategy.PRIORITY
+    targets: tuple[Target, ...] = ()
+    options: StrategyOptions = StrategyOptions()
     retry: RetryPolicy = RetryPolicy()
     timeout: TimeoutPolicy = TimeoutPolicy()
     circuit_breaker: CircuitBreakerPolicy = CircuitBreakerPolicy()
     description: str | None = None
+
+    @model_validator(mode="after")
+    def _one_route(self) -> ModelAlias:
+        if bool(self.endpoints) == bool(self.targets):
+            raise ValueError(
+                f"model {self.name!r} needs exactly one of endpoints or targets "
+                f"(got {'both' if self.endpoints else 'neither'})"
+            )
+        return self
+
+    def route_targets(self) -> tuple[Target, ...]:
+        return self.targets or tuple(Target(endpoint=e) for e in self.endpoints)
 
 
 class ServerSettings(_Model):
@@ -285,6 +535,10 @@ class RouterConfig(_Model):
     server: ServerSettings = ServerSettings()
     endpoints: tuple[Endpoint, ...] = Field(min_length=1)
     models: tuple[ModelAlias, ...] = Field(min_length=1)
+    #: Ordered routing rules; a request no rule matches takes its model alias's own route.
+    rules: tuple[Rule, ...] = ()
+    sensitivity: SensitivityPolicy = SensitivityPolicy()
+    budget: BudgetState = BudgetState()
 
     @model_validator(mode="after")
     def _references(self) -> RouterConfig:
@@ -298,12 +552,33 @@ class RouterConfig(_Model):
             raise ValueError(f"duplicate model alias names: {', '.join(dupes)}")
         known = set(names)
         for alias in self.models:
-            missing = [e for e in alias.endpoints if e not in known]
+            missing = [t.endpoint for t in alias.route_targets() if t.endpoint not in known]
             if missing:
                 raise ValueError(
                     f"model {alias.name!r} refers to unknown endpoint(s): {', '.join(missing)}"
                 )
+            _check_route(f"model {alias.name!r}", alias.strategy, alias.route_targets())
+        self._check_rules(known, set(aliases))
         return self
+
+    def _check_rules(self, endpoints: set[str], aliases: set[str]) -> None:
+        rule_names = [r.name for r in self.rules]
+        dupes = sorted({n for n in rule_names if rule_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate rule names: {', '.join(dupes)}")
+        classes = {c.name for c in self.sensitivity.classes}
+        for rule in self.rules:
+            where = f"rule {rule.name!r}"
+            missing = [t.endpoint for t in rule.targets if t.endpoint not in endpoints]
+            if missing:
+                raise ValueError(f"{where} refers to unknown endpoint(s): {', '.join(missing)}")
+            unknown = [m for m in rule.match.models if m not in aliases]
+            if unknown:
+                raise ValueError(f"{where} matches unknown model alias(es): {', '.join(unknown)}")
+            unknown = [c for c in rule.match.data_classes if c not in classes]
+            if unknown:
+                raise ValueError(f"{where} matches unknown data class(es): {', '.join(unknown)}")
+            _check_route(where, rule.strategy, rule.targets)
 
     def endpoint(self, name: str) -> Endpoint:
         for e in self.endpoints:
@@ -322,6 +597,22 @@ class RouterConfig(_Model):
 
     def version(self) -> str:
         return self.metadata.version or self.content_hash()
+
+
+def _check_route(where: str, strategy: Strategy, targets: tuple[Target, ...]) -> None:
+    names = [t.endpoint for t in targets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where} lists endpoint(s) more than once: {', '.join(dupes)}")
+    if strategy is Strategy.WEIGHTED and not any(t.weight for t in targets):
+        raise ValueError(f"{where}: strategy weighted needs a target with a weight above 0")
+    if strategy is Strategy.COMPLEXITY_TIERS:
+        untiered = [t.endpoint for t in targets if t.tier is None]
+        if untiered:
+            raise ValueError(
+                f"{where}: strategy complexity-tiers needs a tier on every target "
+                f"(missing on {', '.join(untiered)})"
+            )
 
 
 def _format_validation_error(exc: ValidationError) -> str:

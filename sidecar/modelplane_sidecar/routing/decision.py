@@ -47,7 +47,8 @@ def decide(snapshot: Snapshot, request: RoutedRequest) -> RouteDecision:
         )
     candidates: list[EndpointRuntime] = []
     removed: list[tuple[str, str]] = []
-    for name in alias.endpoints:
+    for target in alias.route_targets():
+        name = target.endpoint
         endpoint = snapshot.endpoints[name]
         if not endpoint.adapter.supports(request.op):
             removed.append((name, f"provider {endpoint.config.provider} has no {request.op} API"))
