@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 from harness import Upstreams, chain_config, endpoint, http
@@ -72,6 +74,11 @@ def test_stream_sync_hides_router_usage_chunk_unless_asked(upstreams: Upstreams)
     assert all(c.choices for c in chunks), "usage-only chunk leaked to an app that did not ask"
     # The router asked upstream for usage anyway, to account for cost.
     assert primary.received[-1].body["stream_options"] == {"include_usage": True}
+    # Accounting runs when the relay finishes, which may be just after the app saw [DONE].
+    for _ in range(100):
+        if router.metric("modelplane_tokens_total", endpoint="primary", direction="output"):
+            break
+        time.sleep(0.01)
     assert router.metric("modelplane_tokens_total", endpoint="primary", direction="output") > 0
 
     with_usage = list(
