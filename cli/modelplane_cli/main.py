@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.control_plane is not None:
         return _serve_control_plane(args)
     try:
-        return _run(serve_file(Path(args.config), args.host, args.port))
+        return _run(serve_file(Path(args.config), args.host, args.port, args.health_port))
     except ConfigError as exc:
         print(f"modelplane serve: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -58,6 +58,7 @@ def _serve_control_plane(args: argparse.Namespace) -> int:
             ca_file=Path(args.ca_file) if args.ca_file else None,
             state_dir=Path(args.state_dir) if args.state_dir else None,
             node=os.environ.get("MODELPLANE_POD_NAME", ""),
+            health_port=args.health_port,
         )
     )
 
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="where the last-known-good config is kept")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=15000, help="listen port (default: 15000)")
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve /healthz and /readyz on all interfaces here, for the kubelet's probes",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 

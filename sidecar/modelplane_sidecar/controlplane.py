@@ -266,6 +266,7 @@ async def serve_control_plane(
     ca_file: Path | None = None,
     state_dir: Path | None = None,
     node: str = "",
+    health_port: int | None = None,
 ) -> None:
     """Run the sidecar with its config from the operator's stream until SIGINT/SIGTERM."""
     app = create_app(None)
@@ -277,4 +278,12 @@ async def serve_control_plane(
     )
     if client.restore():
         log.info("serving the last-known-good config until the control plane answers")
-    await serve_app(app, host, port, f"control plane {url}", start=client.start, stop=client.stop)
+    await serve_app(
+        app,
+        host,
+        port,
+        f"control plane {url}",
+        start=client.start,
+        stop=client.stop,
+        health_port=health_port,
+    )

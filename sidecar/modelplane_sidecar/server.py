@@ -325,7 +325,7 @@ HOLDER_KEY = web.AppKey("holder", ConfigHolder)
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
 
 
-async def serve_file(path: Path, host: str, port: int) -> None:
+async def serve_file(path: Path, host: str, port: int, health_port: int | None = None) -> None:
     """Run the sidecar from a config file until SIGINT/SIGTERM."""
     config = load_config_file(path)
     app = create_app(config)
@@ -338,6 +338,7 @@ async def serve_file(path: Path, host: str, port: int) -> None:
         f"config {path}",
         start=lambda: watcher.start(config.server.watch_config),
         stop=watcher.stop,
+        health_port=health_port,
     )
 
 
@@ -348,12 +349,25 @@ async def serve_app(
     source: str,
     start: Callable[[], None],
     stop: Callable[[], Awaitable[None]],
+    health_port: int | None = None,
 ) -> None:
-    """Listen on host:port, call `start` once listening, and run until SIGINT/SIGTERM."""
+    """Listen on host:port, call `start` once listening, and run until SIGINT/SIGTERM.
+
+    With `health_port`, /healthz and /readyz are also served on every interface at that port:
+    the kubelet probes the Pod IP, while the router itself may listen on loopback only.
+    """
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
+    health_runner: web.AppRunner | None = None
+    if health_port is not None:
+        health = web.Application()
+        health.router.add_get("/healthz", app[SIDECAR_KEY].healthz)
+        health.router.add_get("/readyz", app[SIDECAR_KEY].readyz)
+        health_runner = web.AppRunner(health, access_log=None)
+        await health_runner.setup()
+        await web.TCPSite(health_runner, None, health_port).start()
     start()
     log.info("modelplane sidecar listening on http://%s:%d (%s)", host, port, source)
     done = asyncio.Event()
@@ -364,4 +378,6 @@ async def serve_app(
         await done.wait()
     finally:
         await stop()
+        if health_runner is not None:
+            await health_runner.cleanup()
         await runner.cleanup()

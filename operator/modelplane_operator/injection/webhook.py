@@ -142,9 +142,72 @@ class ServingCertificate:
         self.context.load_cert_chain(cert, key)
 
 
+class ManagedTLS:
+    """The operator's serving certificate, kept current from its Secret by a `CertificateKeeper`.
+
+    `context` is one SSLContext for every TLS server of the operator (the webhook and the config
+    stream): a renewal reloads it in place. `listeners` are called with the new material.
+    """
+
+    def __init__(
+        self, keeper: CertificateKeeper, serving: ServingCertificate, cleanup: contextlib.ExitStack
+    ) -> None:
+        self.keeper = keeper
+        self.serving = serving
+        self.listeners: list[Callable[[TLSMaterial], None]] = []
+        self._cleanup = cleanup
+        self._checks: asyncio.Task[None] | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.serving.context
+
+    @property
+    def material(self) -> TLSMaterial:
+        if self.keeper.current is None:
+            raise RuntimeError("ManagedTLS.start() has not finished")
+        return self.keeper.current
+
+    @classmethod
+    async def start(
+        cls, settings: KeeperSettings, api: KubeRequests, cert_dir: Path | None = None
+    ) -> ManagedTLS:
+        """Read or create the certificates (raises if that fails), then check periodically."""
+        cleanup = contextlib.ExitStack()
+        if cert_dir is None:
+            cert_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mp-tls-")))
+        serving = ServingCertificate(cert_dir)
+        managed: ManagedTLS
+
+        def changed(material: TLSMaterial) -> None:
+            serving.load(material)
+            log.info(
+                "serving certificate loaded, valid until %s",
+                material.serving.not_valid_after_utc.isoformat(),
+            )
+            for listener in managed.listeners:
+                listener(material)
+
+        managed = cls(CertificateKeeper(api, settings, on_change=changed), serving, cleanup)
+        try:
+            await managed.keeper.ensure()
+        except BaseException:
+            cleanup.close()
+            raise
+        managed._checks = asyncio.create_task(managed.keeper.run(), name="modelplane-tls-checks")
+        return managed
+
+    async def stop(self) -> None:
+        if self._checks is not None:
+            self._checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checks
+        self._cleanup.close()
+
+
 @dataclass(frozen=True)
 class WebhookServerSettings:
-    """Where the webhook listens, and where it keeps its certificates."""
+    """Where the webhook listens, and the certificates it serves."""
 
     keeper: KeeperSettings
     host: str = "0.0.0.0"
@@ -154,72 +217,62 @@ class WebhookServerSettings:
 
 
 class RunningWebhook:
-    """A started webhook server; `stop()` ends it and its certificate checks."""
+    """A started webhook server; `stop()` ends it (and its certificates, if it started them)."""
 
     def __init__(
         self,
         runner: web.AppRunner,
         webhook: InjectionWebhook,
-        keeper: CertificateKeeper,
-        checks: asyncio.Task[None],
+        tls: ManagedTLS,
         port: int,
-        cleanup: contextlib.ExitStack,
+        owns_tls: bool,
     ) -> None:
         self.runner = runner
         self.webhook = webhook
-        self.keeper = keeper
+        self.tls = tls
         self.port = port
-        self._checks = checks
-        self._cleanup = cleanup
+        self._owns_tls = owns_tls
 
     async def stop(self) -> None:
-        self._checks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._checks
         await self.runner.cleanup()
-        self._cleanup.close()
+        if self._owns_tls:
+            await self.tls.stop()
 
 
 async def serve_injection_webhook(
     injection: InjectionSettings,
     server: WebhookServerSettings,
     api: KubeRequests,
+    tls: ManagedTLS | None = None,
     metrics: InjectionMetrics | None = None,
 ) -> RunningWebhook:
-    """Ensure certificates, start the HTTPS server, keep certificates current in the background.
+    """Start the HTTPS webhook server with `tls` (started here from `server.keeper` if None).
 
-    Fails (raises) when the certificates cannot be read or written at start: the operator should
-    not report ready without a webhook that the apiserver can call.
+    Raises when the certificates cannot be read or written: the operator must not report ready
+    without a webhook that the apiserver can call.
     """
-    cleanup = contextlib.ExitStack()
-    directory = server.cert_dir
-    if directory is None:
-        directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mp-webhook-")))
-    serving = ServingCertificate(directory)
-    webhook = InjectionWebhook(injection, ca_bundle="", metrics=metrics)
+    owns_tls = tls is None
+    if tls is None:
+        tls = await ManagedTLS.start(server.keeper, api, server.cert_dir)
+    webhook = InjectionWebhook(injection, tls.material.ca_cert.decode("ascii"), metrics)
 
-    def reload(material: TLSMaterial) -> None:
-        serving.load(material)
+    def update_ca(material: TLSMaterial) -> None:
         webhook.ca_bundle = material.ca_cert.decode("ascii")
-        log.info(
-            "webhook serving certificate loaded, valid until %s",
-            material.serving.not_valid_after_utc.isoformat(),
-        )
 
-    keeper = CertificateKeeper(api, server.keeper, on_change=reload)
+    tls.listeners.append(update_ca)
+    runner = web.AppRunner(webhook.build_app(), access_log=None)
     try:
-        await keeper.ensure()
-        runner = web.AppRunner(webhook.build_app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, server.host, server.port, ssl_context=serving.context)
+        site = web.TCPSite(runner, server.host, server.port, ssl_context=tls.context)
         await site.start()
     except BaseException:
-        cleanup.close()
+        await runner.cleanup()
+        if owns_tls:
+            await tls.stop()
         raise
     port = server.port or _bound_port(runner)
-    checks = asyncio.create_task(keeper.run(), name="modelplane-certificate-checks")
     log.info("injection webhook listening on https://%s:%d", server.host, port)
-    return RunningWebhook(runner, webhook, keeper, checks, port, cleanup)
+    return RunningWebhook(runner, webhook, tls, port, owns_tls)
 
 
 def _bound_port(runner: web.AppRunner) -> int:
