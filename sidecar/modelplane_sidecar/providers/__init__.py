@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from ..config import Provider
 from .anthropic import AnthropicAdapter
+from .azure_openai import AzureOpenAIAdapter
 from .base import Adapter
+from .gemini import GeminiAdapter
 from .openai import OpenAIAdapter
 
 _ADAPTERS: dict[Provider, Adapter] = {
     Provider.OPENAI: OpenAIAdapter(),
     Provider.OPENAI_COMPATIBLE: OpenAIAdapter(),
     Provider.ANTHROPIC: AnthropicAdapter(),
+    Provider.GEMINI: GeminiAdapter(),
+    Provider.AZURE_OPENAI: AzureOpenAIAdapter(),
 }
 
 

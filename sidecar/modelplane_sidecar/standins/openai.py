@@ -200,6 +200,9 @@ class OpenAIStandIn:
             }
         )
 
+    async def _stream_prelude(self, response: web.StreamResponse) -> None:
+        """Frames a provider sends before the first chunk (none for OpenAI; Azure overrides)."""
+
     async def _stream(
         self,
         request: web.Request,
@@ -217,6 +220,7 @@ class OpenAIStandIn:
             }
         )
         await response.prepare(request)
+        await self._stream_prelude(response)
         ident = _new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         options = body.get("stream_options")
