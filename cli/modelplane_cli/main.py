@@ -64,15 +64,34 @@ def _serve_control_plane(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from modelplane_operator.injection import InjectionError
+    from modelplane_operator.injection.cli import keeper_settings_from_args, settings_from_args
     from modelplane_operator.main import OperatorOptions, run_operator
     from modelplane_sidecar import logs
 
     logs.configure(args.log_level)
+    certificates = injection = webhook = None
+    try:
+        if args.tls_namespace:
+            certificates = keeper_settings_from_args(args)
+            if args.sidecar_image:
+                injection, webhook = settings_from_args(args)
+        elif args.sidecar_image:
+            raise InjectionError("the injection webhook needs --tls-namespace (its certificates)")
+        elif not (args.tls_cert_file and args.tls_key_file):
+            raise InjectionError("give --tls-cert-file and --tls-key-file, or --tls-namespace")
+    except (InjectionError, ValueError) as exc:
+        print(f"modelplane operator: {exc}", file=sys.stderr)
+        return 2
     options = OperatorOptions(
         host=args.host,
         port=args.port,
-        tls_cert_file=Path(args.tls_cert_file),
-        tls_key_file=Path(args.tls_key_file),
+        tls_cert_file=Path(args.tls_cert_file) if args.tls_cert_file else None,
+        tls_key_file=Path(args.tls_key_file) if args.tls_key_file else None,
+        certificates=certificates,
+        tls_dir=args.tls_dir,
+        injection=injection,
+        webhook=webhook,
         audience=args.audience,
         debounce_seconds=args.debounce,
         namespaces=tuple(args.namespace or ()),
@@ -99,6 +118,28 @@ def _crds(args: argparse.Namespace) -> int:
     for path in crdgen.write(directory):
         print(f"wrote {path}")
     return 0
+
+
+def _add_injection_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    # The flags are declared next to the code that reads them; argparse itself is cheap.
+    from modelplane_operator.injection.cli import add_tls_arguments, add_webhook_arguments
+
+    add_tls_arguments(parser)
+    add_webhook_arguments(parser, required=required)
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    from modelplane_operator.injection import InjectionError
+    from modelplane_operator.injection.cli import run_webhook, settings_from_args
+    from modelplane_sidecar import logs
+
+    logs.configure(args.log_level)
+    try:
+        injection, server = settings_from_args(args)
+    except (InjectionError, ValueError) as exc:
+        print(f"modelplane webhook: {exc}", file=sys.stderr)
+        return 2
+    return _run(run_webhook(injection, server))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     op = sub.add_parser("operator", help="run the operator (reconciler + config stream server)")
     op.add_argument("--host", default="0.0.0.0", help="stream server address (default: 0.0.0.0)")
     op.add_argument("--port", type=int, default=8443, help="stream server port (default: 8443)")
-    op.add_argument("--tls-cert-file", required=True, help="stream server certificate (PEM)")
-    op.add_argument("--tls-key-file", required=True, help="stream server private key (PEM)")
+    op.add_argument("--tls-cert-file", help="stream server certificate (PEM)")
+    op.add_argument("--tls-key-file", help="stream server private key (PEM)")
     op.add_argument("--audience", default="modelplane", help="token audience sidecars must use")
     op.add_argument(
         "--debounce", type=float, default=0.2, help="seconds to gather a burst of changes"
@@ -144,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace", action="append", help="watch only this namespace (repeatable; default: all)"
     )
     op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_injection_arguments(op, required=False)
     op.set_defaults(func=_operator)
+
+    webhook = sub.add_parser("webhook", help="run only the sidecar injection webhook")
+    webhook.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    _add_injection_arguments(webhook, required=True)
+    webhook.set_defaults(func=_webhook)
 
     crds = sub.add_parser("crds", help="generate the CRD YAML from the operator's spec models")
     crds.add_argument("--out", default="crds", help="output directory (default: crds)")

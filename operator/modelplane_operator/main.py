@@ -13,6 +13,14 @@ from .distribution.auth import Authenticator
 from .distribution.hub import ConfigHub
 from .distribution.server import StreamServer, server_ssl_context
 from .handlers import build_registry
+from .injection import InjectionSettings
+from .injection.keeper import KeeperSettings
+from .injection.webhook import (
+    ManagedTLS,
+    RunningWebhook,
+    WebhookServerSettings,
+    serve_injection_webhook,
+)
 from .kube import KubeClient, load_credentials
 
 log = logging.getLogger("modelplane.operator")
@@ -20,8 +28,14 @@ log = logging.getLogger("modelplane.operator")
 
 @dataclass(frozen=True)
 class OperatorOptions:
-    tls_cert_file: Path
-    tls_key_file: Path
+    #: The stream server's certificate from files, or (`certificates`) kept by the operator itself.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    certificates: KeeperSettings | None = None
+    tls_dir: Path | None = None
+    #: The sidecar injection webhook (needs `certificates`); None: no webhook.
+    injection: InjectionSettings | None = None
+    webhook: WebhookServerSettings | None = None
     host: str = "0.0.0.0"
     port: int = 8443
     audience: str = "modelplane"
@@ -47,7 +61,18 @@ async def run_operator(options: OperatorOptions) -> int:
     hub = ConfigHub()
     controller = Controller(kube, hub, options.debounce_seconds)
     stream = StreamServer(hub, Authenticator(kube.token_review, options.audience))
-    context = server_ssl_context(str(options.tls_cert_file), str(options.tls_key_file))
+    tls: ManagedTLS | None = None
+    webhook: RunningWebhook | None = None
+    if options.certificates is not None:
+        # One certificate, kept current in a Secret, for the stream and the webhook alike.
+        tls = await ManagedTLS.start(options.certificates, kube, options.tls_dir)
+        context = tls.context
+        if options.injection is not None and options.webhook is not None:
+            webhook = await serve_injection_webhook(options.injection, options.webhook, kube, tls)
+    elif options.tls_cert_file is not None and options.tls_key_file is not None:
+        context = server_ssl_context(str(options.tls_cert_file), str(options.tls_key_file))
+    else:
+        raise ValueError("the stream server needs --tls-cert-file/--tls-key-file or --tls-secret")
     await stream.start(options.host, options.port, context)
     try:
         await kopf.operator(
@@ -60,5 +85,9 @@ async def run_operator(options: OperatorOptions) -> int:
     finally:
         await controller.close()
         await stream.stop()
+        if webhook is not None:
+            await webhook.stop()
+        if tls is not None:
+            await tls.stop()
         await kube.close()
     return 0

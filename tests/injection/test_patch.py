@@ -107,6 +107,7 @@ def test_minimal_pod_gets_a_native_sidecar_with_token_volume_and_env() -> None:
         "--control-plane": "https://modelplane-operator.modelplane.svc:8443",
         "--token-file": "/var/run/modelplane/token",
         "--ca-file": "/var/run/modelplane/ca.crt",
+        "--state-dir": "/var/lib/modelplane",
         "--host": "127.0.0.1",
         "--port": "15000",
         "--health-port": "15021",
@@ -122,10 +123,12 @@ def test_minimal_pod_gets_a_native_sidecar_with_token_volume_and_env() -> None:
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert sidecar["volumeMounts"] == [
-        {"name": "modelplane-token", "mountPath": "/var/run/modelplane", "readOnly": True}
+        {"name": "modelplane-token", "mountPath": "/var/run/modelplane", "readOnly": True},
+        {"name": "modelplane-state", "mountPath": "/var/lib/modelplane"},
     ]
 
-    (volume,) = pod["spec"]["volumes"]
+    volume, state = pod["spec"]["volumes"]
+    assert state == {"name": "modelplane-state", "emptyDir": {"sizeLimit": "16Mi"}}
     token, ca = volume["projected"]["sources"]
     assert token["serviceAccountToken"] == {
         "audience": "modelplane",
@@ -159,7 +162,11 @@ def test_busy_pod_keeps_everything_it_had_and_gets_env_in_every_container() -> N
     init_names = [c["name"] for c in pod["spec"]["initContainers"]]
     assert init_names == ["modelplane-sidecar", "migrate", "warm"]
     assert pod["spec"]["initContainers"][1:] == original["spec"]["initContainers"]
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["data", "modelplane-token"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == [
+        "data",
+        "modelplane-token",
+        "modelplane-state",
+    ]
     assert pod["metadata"]["annotations"]["team"] == "search"
     assert pod["metadata"]["generateName"] == "web-"
 
@@ -224,7 +231,10 @@ def test_empty_lists_and_missing_annotations_are_handled() -> None:
     patched = inject(pod)
 
     assert [c["name"] for c in patched["spec"]["initContainers"]] == ["modelplane-sidecar"]
-    assert [v["name"] for v in patched["spec"]["volumes"]] == ["modelplane-token"]
+    assert [v["name"] for v in patched["spec"]["volumes"]] == [
+        "modelplane-token",
+        "modelplane-state",
+    ]
     assert set(patched["metadata"]["annotations"]) == {
         "modelplane.io/injected",
         "modelplane.io/ca-bundle",
@@ -295,11 +305,12 @@ def test_port_conflict_with_an_app_container_is_refused() -> None:
         build_patch(pod, SidecarSpec.for_pod(SETTINGS, {}), SETTINGS, CA)
 
 
-def test_volume_name_conflict_is_refused() -> None:
+@pytest.mark.parametrize("name", ["modelplane-token", "modelplane-state"])
+def test_volume_name_conflict_is_refused(name: str) -> None:
     pod = minimal_pod()
-    pod["spec"]["volumes"] = [{"name": "modelplane-token", "emptyDir": {}}]
+    pod["spec"]["volumes"] = [{"name": name, "emptyDir": {}}]
 
-    with pytest.raises(InjectionError, match="already has a volume named modelplane-token"):
+    with pytest.raises(InjectionError, match=f"already has a volume named {name}"):
         build_patch(pod, SidecarSpec.for_pod(SETTINGS, {}), SETTINGS, CA)
 
 

@@ -14,16 +14,20 @@ import datetime
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .certs import CertificatePolicy, service_hosts
-from .keeper import KeeperSettings
 from .settings import (
     DEFAULT_EXCLUDED_NAMESPACES,
     InjectionError,
     InjectionSettings,
     SidecarResources,
 )
-from .webhook import WebhookServerSettings, serve_injection_webhook
+
+# `modelplane serve` builds the same parser: the flags must not pull in kopf or cryptography
+# (the sidecar image has neither installed), so the modules behind them load on use.
+if TYPE_CHECKING:
+    from .keeper import KeeperSettings
+    from .webhook import WebhookServerSettings
 
 log = logging.getLogger("modelplane.operator.injection")
 
@@ -103,6 +107,9 @@ def add_webhook_arguments(parser: argparse.ArgumentParser, *, required: bool) ->
 
 def keeper_settings_from_args(args: argparse.Namespace) -> KeeperSettings:
     """The certificate keeper's settings; raises `InjectionError` naming the missing flag."""
+    from .certs import CertificatePolicy, service_hosts
+    from .keeper import KeeperSettings
+
     if not args.tls_namespace:
         raise InjectionError("--tls-namespace is needed: the namespace of the certificate Secret")
     hosts = [
@@ -131,6 +138,8 @@ def settings_from_args(
     args: argparse.Namespace,
 ) -> tuple[InjectionSettings, WebhookServerSettings]:
     """Validated settings; raises `InjectionError` or `ValueError` with the flag's problem."""
+    from .webhook import WebhookServerSettings
+
     if not args.control_plane_url:
         raise InjectionError(
             "--control-plane-url is needed: the config stream URL that injected sidecars use"
@@ -168,6 +177,7 @@ def settings_from_args(
 async def run_webhook(injection: InjectionSettings, server: WebhookServerSettings) -> None:
     """`modelplane webhook`: serve until SIGINT/SIGTERM."""
     from ..kube import KubeClient, load_credentials
+    from .webhook import serve_injection_webhook
 
     client = KubeClient(load_credentials())
     try:

@@ -5,7 +5,7 @@ What the patch adds:
   starts before the app, keeps running next to it and does not keep a Job's Pod alive;
 - one projected volume with a ServiceAccount token for the `modelplane` audience and the operator's
   CA bundle (projected from an annotation through the Downward API, so no per-namespace ConfigMap
-  has to exist);
+  has to exist), and a small emptyDir where the sidecar keeps its last-known-good config;
 - to every app container, unless the container sets them itself: the OpenAI and Anthropic base
   URLs pointing at the sidecar on 127.0.0.1, and placeholder API keys, so stock SDKs route through
   the sidecar unchanged;
@@ -27,6 +27,8 @@ from .settings import (
     CA_FILE,
     INJECTED_ANNOTATION,
     SIDECAR_NAME,
+    STATE_DIR,
+    STATE_VOLUME,
     TOKEN_DIR,
     TOKEN_FILE,
     TOKEN_VOLUME,
@@ -90,6 +92,8 @@ def sidecar_container(spec: SidecarSpec, settings: InjectionSettings) -> dict[st
             f"{TOKEN_DIR}/{TOKEN_FILE}",
             "--ca-file",
             f"{TOKEN_DIR}/{CA_FILE}",
+            "--state-dir",
+            STATE_DIR,
             # Apps reach the router on loopback only: nothing else in the cluster can use the
             # credentials it holds. The kubelet's probes reach the pod IP, hence a health port.
             "--host",
@@ -125,7 +129,10 @@ def sidecar_container(spec: SidecarSpec, settings: InjectionSettings) -> dict[st
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+        ],
     }
 
 
@@ -152,12 +159,17 @@ def token_volume(settings: InjectionSettings) -> dict[str, Any]:
     }
 
 
+def state_volume() -> dict[str, Any]:
+    return {"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}}
+
+
 def _check_conflicts(spec: Mapping[str, Any], sidecar: SidecarSpec) -> None:
-    if any(volume.get("name") == TOKEN_VOLUME for volume in spec.get("volumes") or []):
-        raise InjectionError(
-            f"the Pod already has a volume named {TOKEN_VOLUME}, which the modelplane sidecar "
-            "needs; rename it"
-        )
+    for volume in spec.get("volumes") or []:
+        if volume.get("name") in (TOKEN_VOLUME, STATE_VOLUME):
+            raise InjectionError(
+                f"the Pod already has a volume named {volume['name']}, which the modelplane "
+                "sidecar needs; rename it"
+            )
     taken = {sidecar.port: "port", sidecar.health_port: "health port"}
     for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
         for declared in container.get("ports") or []:
@@ -213,7 +225,9 @@ def build_patch(
         patch.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
     else:
         patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
-    patch += _add_list_items(("spec", "volumes"), spec.get("volumes"), [token_volume(settings)])
+    patch += _add_list_items(
+        ("spec", "volumes"), spec.get("volumes"), [token_volume(settings), state_volume()]
+    )
     environment = _environment_patch(spec, sidecar)
     patch += environment.patch
     marks = {INJECTED_ANNOTATION: "true", CA_BUNDLE_ANNOTATION: ca_bundle}

@@ -36,7 +36,10 @@ CA_BUNDLE_ANNOTATION = "modelplane.io/ca-bundle"
 
 SIDECAR_NAME = "modelplane-sidecar"
 TOKEN_VOLUME = "modelplane-token"
+STATE_VOLUME = "modelplane-state"
 TOKEN_DIR = "/var/run/modelplane"
+#: The sidecar keeps its last-known-good config here, to serve it across restarts.
+STATE_DIR = "/var/lib/modelplane"
 TOKEN_FILE = "token"
 CA_FILE = "ca.crt"
 
