@@ -273,6 +273,8 @@ class Forwarder:
         )
         timeout = self._timeout_for(endpoint, ex, remaining)
         endpoint.state.in_flight += 1
+        endpoint.state.stats.note_request(ex.decision.input_tokens)
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.request(
@@ -286,6 +288,8 @@ class Forwarder:
                     status = resp.status
                     resp_headers = resp.headers
         except TimeoutError:
+            # A timeout is at least that slow: lowest-latency routing should see it.
+            endpoint.state.stats.observe_latency(timeout)
             raise UpstreamFailure(
                 FailureKind.TIMEOUT, f"no complete response within {timeout:.2f}s"
             ) from None
@@ -295,6 +299,7 @@ class Forwarder:
             endpoint.state.in_flight -= 1
         if status >= 300:
             raise endpoint.adapter.classify_error(cfg, status, resp_headers, data)
+        endpoint.state.stats.observe_latency(time.perf_counter() - sent)
         return endpoint.adapter.translate_response(cfg, ex.request.op, data, ex.request.body)
 
     async def _start_stream(
@@ -308,6 +313,8 @@ class Forwarder:
         timeout = self._timeout_for(endpoint, ex, remaining)
         resp: aiohttp.ClientResponse | None = None
         endpoint.state.in_flight += 1
+        endpoint.state.stats.note_request(ex.decision.input_tokens)
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 resp = await self._session.request(
@@ -332,6 +339,7 @@ class Forwarder:
                             )
                         break
                     first = translator.feed(chunk)
+            endpoint.state.stats.observe_ttft(time.perf_counter() - sent)
             return _StreamStart(resp, translator, first)
         except BaseException as exc:
             endpoint.state.in_flight -= 1

@@ -84,6 +84,19 @@ class SidecarMetrics:
             buckets=_DECISION_BUCKETS,
             registry=r,
         )
+        self.decisions = Counter(
+            "modelplane_route_decisions",
+            "Routing decisions by rule, strategy and A/B arm (the arm of the first candidate).",
+            ["model", "rule", "strategy", "arm"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "modelplane_route_refusals",
+            "Requests refused by the routing pipeline before any upstream call, by rule and "
+            "error code (e.g. no_compliant_endpoint, context_length_exceeded).",
+            ["rule", "code"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "modelplane_circuit_breaker_open",
             "1 when the endpoint's circuit breaker is open or half-open, else 0.",

@@ -1,8 +1,9 @@
 """The live state of a loaded config: endpoints with their adapters, keys and health.
 
 A Snapshot is built once per config version and swapped in atomically; requests hold on to the
-snapshot they started with. Health state (circuit breakers, in-flight counts) is carried over to
-the next snapshot for every endpoint whose identity (provider, URL, model) did not change.
+snapshot they started with. Health state (circuit breakers, in-flight counts, observed latency) is
+carried over to the next snapshot for every endpoint whose identity (provider, URL, model) did not
+change.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .breaker import CircuitBreaker
 from .config import Endpoint, ModelAlias, RouterConfig
+from .endpoint_stats import EndpointStats
 from .providers import adapter_for
 from .providers.base import Adapter, Credentials
 
@@ -19,6 +21,8 @@ from .providers.base import Adapter, Credentials
 class EndpointState:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     in_flight: int = 0
+    #: Observed latency, time to first token and request rate (read by routing steps).
+    stats: EndpointStats = field(default_factory=EndpointStats)
 
 
 @dataclass(slots=True, frozen=True)

@@ -28,7 +28,7 @@ from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
 from .metrics import SidecarMetrics
 from .providers.base import Operation
-from .routing import RoutedRequest, decide
+from .routing import RoutedRequest, decide, explain, prepare_routing
 from .runtime import Snapshot
 
 log = logging.getLogger("modelplane.sidecar")
@@ -51,6 +51,7 @@ class ConfigHolder:
             self._metrics.config_reloads.labels("unchanged").inc()
             return False
         snapshot = Snapshot.build(config, previous)
+        prepare_routing(config)
         self.snapshot = snapshot
         self.source = source
         self._metrics.config_info.clear()
@@ -155,6 +156,7 @@ class Sidecar:
         app.router.add_post("/v1/embeddings", self._op_handler(Operation.EMBEDDINGS))
         app.router.add_post("/v1/messages", self.anthropic_messages)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/modelplane/explain", self.explain)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_endpoint)
@@ -222,18 +224,19 @@ class Sidecar:
         dialect = None
         if front_door is not None:
             body, dialect = front_door(body)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad_request("The 'model' field is required and must be a string", param="model")
-        stream_flag = body.get("stream", False)
-        if not isinstance(stream_flag, bool):
-            raise bad_request("The 'stream' field must be a boolean", param="stream")
-        if op is Operation.EMBEDDINGS:
-            stream_flag = False
-        routed = RoutedRequest(op, body, http.headers, model, stream_flag)
-        decision = decide(snapshot, routed)
+        routed = _routed_request(op, body, http)
+        try:
+            decision = decide(snapshot, routed)
+        except ApiError as exc:
+            self.metrics.refusals.labels(
+                exc.headers.get("x-modelplane-rule", ""), exc.code or ""
+            ).inc()
+            raise
         decision_s = time.perf_counter() - received
         self.metrics.decision.observe(decision_s)
+        self.metrics.decisions.labels(
+            decision.alias.name, decision.rule, decision.strategy.value, decision.arm
+        ).inc()
         exchange = Exchange(
             http,
             snapshot,
@@ -245,6 +248,28 @@ class Sidecar:
             dialect,
         )
         return await self.forwarder.forward(exchange)
+
+    async def explain(self, http: web.Request) -> web.Response:
+        """The routing decision for a request body, with its full trace; calls no model.
+
+        The operation is `?operation=chat|completions|embeddings`, else inferred from the body.
+        Headers are the explain request's own (so `x-modelplane-data-class` etc. apply).
+        """
+        snapshot = self._current()
+        body = _parse_body(await _read_limited(http, snapshot.config.server.max_body_bytes))
+        wanted = http.query.get("operation")
+        if wanted is None:
+            wanted = "chat" if "messages" in body else "completions" if "prompt" in body else ""
+            wanted = wanted or ("embeddings" if "input" in body else "chat")
+        try:
+            op = Operation(wanted)
+        except ValueError:
+            raise bad_request(
+                f"operation must be one of chat, completions, embeddings (got {wanted!r})",
+                param="operation",
+            ) from None
+        trace = explain(snapshot, _routed_request(op, body, http))
+        return _json({"configVersion": snapshot.version, **trace.as_json()})
 
     async def list_models(self, request: web.Request) -> web.Response:
         snapshot = self._current()
@@ -284,6 +309,18 @@ async def _read_limited(http: web.Request, limit: int) -> bytes:
             )
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _routed_request(op: Operation, body: dict[str, Any], http: web.Request) -> RoutedRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("The 'model' field is required and must be a string", param="model")
+    stream_flag = body.get("stream", False)
+    if not isinstance(stream_flag, bool):
+        raise bad_request("The 'stream' field must be a boolean", param="stream")
+    if op is Operation.EMBEDDINGS:
+        stream_flag = False
+    return RoutedRequest(op, body, http.headers, model, stream_flag)
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:

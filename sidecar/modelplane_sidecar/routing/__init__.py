@@ -1,9 +1,26 @@
 """The routing pipeline: classify -> match rule -> filter candidates -> pick.
 
-`decide()` returns a RouteDecision: the ordered candidates to try and the trace of why.
-Execution with retries and fallback lives in `forward.py`.
+Each step is a module of small named parts: `classify/` (sensitivity, complexity, size),
+`rules.py` (first matching rule), `filters.py` (compliance, breaker, context window, limits),
+`pickers.py` (one picker per strategy, plus the budget hook). `decide()` runs them in order and
+returns a RouteDecision with the ordered candidates and the trace of why; execution with retries
+and fallback lives in `forward.py`.
 """
 
-from .decision import RouteDecision, RoutedRequest, decide
+from .decision import (
+    DecisionTrace,
+    RouteDecision,
+    RoutedRequest,
+    decide,
+    explain,
+    prepare_routing,
+)
 
-__all__ = ["RouteDecision", "RoutedRequest", "decide"]
+__all__ = [
+    "DecisionTrace",
+    "RouteDecision",
+    "RoutedRequest",
+    "decide",
+    "explain",
+    "prepare_routing",
+]

@@ -1,16 +1,33 @@
-"""Route decision: which endpoints may serve a request, in which order, and why."""
+"""The routing pipeline: classify -> match rule -> filter candidates -> pick -> (budget).
+
+`decide()` runs the steps in that order and returns a RouteDecision: the endpoints to try, in
+order, with the trace of every step (what the classifiers found, which rules were looked at and
+why they did or did not match, which candidates were removed and by which filter, what the
+strategy picked and why). Execution with retries and fallback, over exactly these candidates and
+no others, lives in `forward.py`. `explain()` runs the same steps without calling anything.
+"""
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from multidict import CIMultiDictProxy
 
-from ..config import ModelAlias
+from ..config import ModelAlias, RouterConfig, Strategy
 from ..errors import ApiError
 from ..providers.base import Operation
 from ..runtime import EndpointRuntime, Snapshot
+from .classify import Classification, classify
+from .classify.complexity import ComplexityModel, default_model
+from .filters import Candidate, Removal, RouteContext, apply_filters
+from .pickers import PICKERS, apply_budget
+from .rules import Route, RuleCheck, match_rule
+
+_RANDOM = random.Random()
 
 
 @dataclass(slots=True)
@@ -25,33 +42,187 @@ class RoutedRequest:
 
 
 @dataclass(slots=True)
+class DecisionTrace:
+    """Why a request goes where it goes; `as_json()` is what explain returns."""
+
+    model: str
+    found: Classification | None = None
+    rules: list[RuleCheck] = field(default_factory=list)
+    route: Route | None = None
+    considered: list[str] = field(default_factory=list)
+    removed: list[Removal] = field(default_factory=list)
+    pick: str = ""
+    budget: str = ""
+    order: list[str] = field(default_factory=list)
+    error: ApiError | None = None
+    micros: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        route = self.route
+        return {
+            "model": self.model,
+            "classifiers": self.found.as_json() if self.found is not None else None,
+            "rules": [check.as_json() for check in self.rules],
+            "rule": route.name if route is not None else None,
+            "strategy": route.strategy.value if route is not None else None,
+            "considered": self.considered,
+            "removed": [r.as_json() for r in self.removed],
+            "pick": self.pick,
+            "budget": self.budget or None,
+            "candidates": self.order,
+            "error": (
+                {
+                    "status": self.error.status,
+                    "code": self.error.code,
+                    "message": self.error.message,
+                }
+                if self.error is not None
+                else None
+            ),
+            "decisionMicroseconds": round(self.micros, 1),
+        }
+
+
+@dataclass(slots=True)
 class RouteDecision:
     alias: ModelAlias
     #: Endpoints to try, in order; the first that succeeds serves the request.
     candidates: list[EndpointRuntime]
-    #: Name of the rule that chose the candidates (the alias itself when no rule matched).
+    #: Name of the rule that chose the candidates (`model:<alias>` when no rule matched).
     rule: str
     #: (endpoint, reason) for every endpoint considered but not kept.
     removed: list[tuple[str, str]] = field(default_factory=list)
+    strategy: Strategy = Strategy.PRIORITY
+    #: A/B arm label of the first candidate.
+    arm: str = ""
+    #: Estimated prompt tokens (fed to the endpoints' rate windows by the forwarder).
+    input_tokens: int = 0
+    trace: DecisionTrace | None = None
 
 
-def decide(snapshot: Snapshot, request: RoutedRequest) -> RouteDecision:
+def uses_complexity(config: RouterConfig) -> bool:
+    routes = [(r.strategy, r.match.complexity) for r in config.rules]
+    routes += [(m.strategy, None) for m in config.models]
+    return any(s is Strategy.COMPLEXITY_TIERS or c is not None for s, c in routes)
+
+
+def prepare_routing(config: RouterConfig) -> None:
+    """Load what `config`'s rules need before the first request does (the complexity model)."""
+    if uses_complexity(config):
+        default_model()
+
+
+def _unknown_model(snapshot: Snapshot, model: str) -> ApiError:
+    offered = ", ".join(sorted(snapshot.aliases)) or "none"
+    return ApiError(
+        404,
+        f"The model {model!r} does not exist on this router; offered models: {offered}",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def _candidates(route: Route, snapshot: Snapshot) -> list[Candidate]:
+    endpoints = snapshot.endpoints
+    out: list[Candidate] = []
+    for target in route.targets:
+        if isinstance(target, str):
+            out.append(Candidate(endpoints[target], 1, None, target))
+        else:
+            out.append(
+                Candidate(
+                    endpoints[target.endpoint], target.weight, target.tier, target.arm_label()
+                )
+            )
+    return out
+
+
+def _run(
+    snapshot: Snapshot,
+    request: RoutedRequest,
+    trace: DecisionTrace,
+    rng: random.Random,
+    model: Callable[[], ComplexityModel],
+) -> RouteDecision:
     alias = snapshot.aliases.get(request.model)
     if alias is None:
-        offered = ", ".join(sorted(snapshot.aliases)) or "none"
-        raise ApiError(
-            404,
-            f"The model {request.model!r} does not exist on this router; offered models: {offered}",
-            code="model_not_found",
-            param="model",
-        )
-    candidates: list[EndpointRuntime] = []
-    removed: list[tuple[str, str]] = []
-    for target in alias.route_targets():
-        name = target.endpoint
-        endpoint = snapshot.endpoints[name]
-        if not endpoint.adapter.supports(request.op):
-            removed.append((name, f"provider {endpoint.config.provider} has no {request.op} API"))
-            continue
-        candidates.append(endpoint)
-    return RouteDecision(alias, candidates, f"model:{alias.name}", removed)
+        raise _unknown_model(snapshot, request.model)
+    config = snapshot.config
+    found = classify(request.body, request.headers, config.sensitivity, model)
+    trace.found = found
+    route, trace.rules = match_rule(
+        config.rules, alias, request.op.value, request.stream, request.headers, request.body, found
+    )
+    trace.route = route
+    candidates = _candidates(route, snapshot)
+    trace.considered = [c.name for c in candidates]
+    ctx = RouteContext(
+        request.op,
+        request.model,
+        request.stream,
+        request.headers,
+        request.body,
+        found,
+        alias,
+        route,
+        config.budget,
+        rng,
+    )
+    candidates = apply_filters(candidates, ctx, trace.removed)
+    candidates, trace.pick = PICKERS[route.strategy].order(candidates, ctx)
+    candidates, trace.budget = apply_budget(candidates, ctx)
+    if not route.options.fallback:
+        for dropped in candidates[1:]:
+            trace.removed.append(Removal(dropped.name, "pick", "route has fallback disabled"))
+        candidates = candidates[:1]
+    trace.order = [c.name for c in candidates]
+    return RouteDecision(
+        alias,
+        [c.endpoint for c in candidates],
+        route.name,
+        [(r.endpoint, r.reason) for r in trace.removed],
+        route.strategy,
+        candidates[0].arm,
+        found.size.input_tokens,
+        trace,
+    )
+
+
+def decide(
+    snapshot: Snapshot,
+    request: RoutedRequest,
+    *,
+    rng: random.Random = _RANDOM,
+    model: Callable[[], ComplexityModel] = default_model,
+) -> RouteDecision:
+    """Where this request goes; raises ApiError when it may go nowhere (fail closed)."""
+    started = time.perf_counter()
+    trace = DecisionTrace(request.model)
+    try:
+        return _run(snapshot, request, trace, rng, model)
+    finally:
+        trace.micros = (time.perf_counter() - started) * 1e6
+
+
+def explain(
+    snapshot: Snapshot,
+    request: RoutedRequest,
+    *,
+    rng: random.Random = _RANDOM,
+    model: Callable[[], ComplexityModel] = default_model,
+) -> DecisionTrace:
+    """The full decision trace for a request, refusals included, without calling any model.
+
+    Unlike `decide`, every classifier runs (complexity too, even when no rule needs it), so the
+    trace shows what rules *could* match on.
+    """
+    started = time.perf_counter()
+    trace = DecisionTrace(request.model)
+    try:
+        _run(snapshot, request, trace, rng, model)
+    except ApiError as exc:
+        trace.error = exc
+    if trace.found is not None:
+        trace.found.complexity()
+    trace.micros = (time.perf_counter() - started) * 1e6
+    return trace

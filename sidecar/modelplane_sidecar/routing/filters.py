@@ -1,0 +1,252 @@
+"""Step 3 of the routing pipeline: filters remove candidates that must not or cannot serve.
+
+Each filter is a small object with a name and one question per candidate: "why not this one?"
+(None means keep). They run in order, each over what the previous ones kept. When a filter removes
+the last candidate, the request ends with that filter's own error: compliance fails closed with a
+403 naming the rule, a prompt too big for every window is a 400, and so on. The forwarder only
+ever tries the candidates that survive, on every retry and fallback, so a request can never reach
+an endpoint a filter removed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..breaker import BreakerState
+from ..config import BudgetState, ModelAlias, Tier
+from ..errors import ApiError
+from ..providers.base import Operation
+from ..runtime import EndpointRuntime
+from .classify import Classification
+from .rules import Route
+
+
+@dataclass(slots=True)
+class Candidate:
+    endpoint: EndpointRuntime
+    weight: int = 1
+    tier: Tier | None = None
+    arm: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.config.name
+
+
+@dataclass(slots=True, frozen=True)
+class Removal:
+    endpoint: str
+    step: str
+    reason: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"endpoint": self.endpoint, "step": self.step, "reason": self.reason}
+
+
+@dataclass(slots=True)
+class RouteContext:
+    """Everything the filters and pickers may look at for one request."""
+
+    op: Operation
+    model: str
+    stream: bool
+    headers: Mapping[str, str]
+    body: Mapping[str, Any]
+    found: Classification
+    alias: ModelAlias
+    route: Route
+    budget: BudgetState
+    rng: random.Random
+
+
+class CandidateFilter(Protocol):
+    name: str
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        """Why `candidate` may not serve this request, or None to keep it."""
+        ...
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        """The error when this filter removed the last candidate."""
+        ...
+
+
+def _removed_list(removed: list[Removal]) -> str:
+    return "; ".join(f"{r.endpoint}: {r.reason}" for r in removed)
+
+
+class _UnavailableRefusal:
+    """Default refusal: nothing left to try right now (503, the app may retry later)."""
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        return ApiError(
+            503,
+            f"No endpoint of model {ctx.model!r} could be tried under rule {ctx.route.name!r}: "
+            f"{_removed_list(removed)}",
+            type="upstream_error",
+            code="no_endpoint_available",
+            headers={"x-modelplane-rule": ctx.route.name},
+        )
+
+
+class OperationSupported(_UnavailableRefusal):
+    name = "operation"
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        endpoint = candidate.endpoint
+        if endpoint.adapter.supports(ctx.op):
+            return None
+        return f"provider {endpoint.config.provider} has no {ctx.op} API"
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        return ApiError(
+            400,
+            f"Model {ctx.model!r} (rule {ctx.route.name!r}) cannot serve {ctx.op} requests: "
+            f"{_removed_list(removed)}",
+            code="unsupported_operation",
+            headers={"x-modelplane-rule": ctx.route.name},
+        )
+
+
+class Compliance:
+    """A request of a restricted data class only goes to endpoints with an allowed tag."""
+
+    name = "compliance"
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        tags = candidate.endpoint.config.tags
+        blocked = ctx.found.sensitivity.allows(tags)
+        if blocked is None:
+            return None
+        has = ", ".join(tags) if tags else "no tags"
+        return (
+            f"data class {blocked.name!r} needs a tag in [{', '.join(blocked.allowed_tags)}]; "
+            f"endpoint has [{has}]"
+        )
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        sensitivity = ctx.found.sensitivity
+        classes = ", ".join(
+            f"{c.name!r} (allowed on: {', '.join(c.allowed_tags)})" for c in sensitivity.restricted
+        )
+        why = []
+        if sensitivity.labels:
+            why.append("detected: " + ", ".join(d.value for d in sensitivity.labels))
+        if sensitivity.declared:
+            why.append(f"declared: {sensitivity.declared}")
+        because = f" ({'; '.join(why)})" if why else ""
+        return ApiError(
+            403,
+            f"Rule {ctx.route.name!r} has no endpoint allowed to receive this request's data: "
+            f"class {classes}{because}. Not sent anywhere. Endpoints refused: "
+            f"{_removed_list(removed)}",
+            type="invalid_request_error",
+            code="no_compliant_endpoint",
+            headers={"x-modelplane-rule": ctx.route.name},
+        )
+
+
+class CircuitClosed(_UnavailableRefusal):
+    """Skip endpoints whose breaker is open (a half-open probe is left to the forwarder)."""
+
+    name = "circuit-breaker"
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        breaker = candidate.endpoint.state.breaker
+        if breaker.state is not BreakerState.OPEN:
+            return None
+        wait = breaker.retry_in(ctx.alias.circuit_breaker)
+        if wait <= 0:
+            return None
+        return f"circuit breaker open (probe in {wait:.1f}s)"
+
+
+class ContextWindow:
+    name = "context-window"
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        window = candidate.endpoint.config.context_window
+        needed = ctx.found.size.context_tokens
+        if window is None or needed <= window:
+            return None
+        return f"needs about {needed} tokens, context window is {window}"
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        return ApiError(
+            400,
+            f"This request needs about {ctx.found.size.context_tokens} tokens (prompt plus "
+            f"max_tokens), more than any endpoint of rule {ctx.route.name!r} can take: "
+            f"{_removed_list(removed)}",
+            code="context_length_exceeded",
+            headers={"x-modelplane-rule": ctx.route.name},
+        )
+
+
+class WithinLimits:
+    """The endpoint's configured concurrency, requests-per-minute and tokens-per-minute."""
+
+    name = "rate-limit"
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        endpoint = candidate.endpoint
+        limits = endpoint.config.limits
+        state = endpoint.state
+        if limits.max_concurrency is not None and state.in_flight >= limits.max_concurrency:
+            return f"{state.in_flight} requests in flight, limit {limits.max_concurrency}"
+        if limits.requests_per_minute is None and limits.tokens_per_minute is None:
+            return None
+        requests, tokens = state.stats.rate()
+        if limits.requests_per_minute is not None and requests >= limits.requests_per_minute:
+            return f"{requests:.0f} requests in the last minute, limit {limits.requests_per_minute}"
+        wanted = ctx.found.size.input_tokens
+        if limits.tokens_per_minute is not None and tokens + wanted > limits.tokens_per_minute:
+            return (
+                f"{tokens:.0f} + {wanted} tokens in the last minute, "
+                f"limit {limits.tokens_per_minute}"
+            )
+        return None
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        return ApiError(
+            429,
+            f"Every endpoint of rule {ctx.route.name!r} is at its configured limit: "
+            f"{_removed_list(removed)}",
+            type="requests",
+            code="rate_limit_exceeded",
+            headers={"x-modelplane-rule": ctx.route.name, "retry-after": "1"},
+        )
+
+
+#: The filters, in the order they run. Compliance comes before anything about health, so a
+#: sensitive request's error says "no compliant endpoint", not "endpoint down".
+FILTERS: tuple[CandidateFilter, ...] = (
+    OperationSupported(),
+    Compliance(),
+    CircuitClosed(),
+    ContextWindow(),
+    WithinLimits(),
+)
+
+
+def apply_filters(
+    candidates: list[Candidate],
+    ctx: RouteContext,
+    removed: list[Removal],
+    filters: tuple[CandidateFilter, ...] = FILTERS,
+) -> list[Candidate]:
+    """Run every filter; raises the filter's refusal when one leaves nothing."""
+    for step in filters:
+        kept: list[Candidate] = []
+        for candidate in candidates:
+            why = step.reason(candidate, ctx)
+            if why is None:
+                kept.append(candidate)
+            else:
+                removed.append(Removal(candidate.name, step.name, why))
+        if not kept:
+            raise step.refuse(removed, ctx)
+        candidates = kept
+    return candidates
