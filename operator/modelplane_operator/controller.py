@@ -281,9 +281,10 @@ class Controller:
                 await self._kube.patch_status(
                     GROUP, VERSION, kind.plural, key.namespace, key.name, status
                 )
-            except KubeError as exc:
-                if exc.status != 404:
+            except (KubeError, OSError, TimeoutError) as exc:
+                if not isinstance(exc, KubeError) or exc.status != 404:
                     log.error("status of %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
+                    self._retry_later(compiled.namespace)
                 continue
             self._written[key] = comparable
             await self._ready_event(key, status, previous)
