@@ -145,6 +145,8 @@ def test_minimal_pod_gets_a_native_sidecar_with_token_volume_and_env() -> None:
         "modelplane.io/injected": "true",
         "modelplane.io/ca-bundle": CA,
     }
+    # A projected token needs a ServiceAccount; `default` is what admission would have set.
+    assert pod["spec"]["serviceAccountName"] == "default"
     (app,) = pod["spec"]["containers"]
     assert env_of(app) == {
         "OPENAI_BASE_URL": "http://127.0.0.1:15000/v1",
@@ -185,6 +187,12 @@ def test_busy_pod_keeps_everything_it_had_and_gets_env_in_every_container() -> N
     # Init containers are not app containers.
     assert pod["spec"]["initContainers"][2]["env"] == [{"name": "A", "value": "1"}]
     assert api["ports"] == [{"containerPort": 8080}]
+
+
+def test_existing_service_account_is_kept() -> None:
+    pod = minimal_pod()
+    pod["spec"]["serviceAccountName"] = "search-api"
+    assert inject(pod)["spec"]["serviceAccountName"] == "search-api"
 
 
 def test_app_that_sets_its_own_base_url_gets_a_warning() -> None:

@@ -228,6 +228,11 @@ def build_patch(
     patch += _add_list_items(
         ("spec", "volumes"), spec.get("volumes"), [token_volume(settings), state_volume()]
     )
+    if not spec.get("serviceAccountName") and not spec.get("serviceAccount"):
+        # The apiserver refuses a projected token without a ServiceAccount. Clusters normally
+        # set `default` before webhooks run (the ServiceAccount admission plugin); do the same
+        # where that plugin is off, rather than produce a Pod that fails validation.
+        patch.append({"op": "add", "path": "/spec/serviceAccountName", "value": "default"})
     environment = _environment_patch(spec, sidecar)
     patch += environment.patch
     marks = {INJECTED_ANNOTATION: "true", CA_BUNDLE_ANNOTATION: ca_bundle}

@@ -1,0 +1,229 @@
+"""Sidecar injection end to end: `helm install` the chart in url mode, run the operator as the
+chart's Deployment would (as a local process, as the chart's ServiceAccount), create Pods, and
+check what the apiserver stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cluster import Cluster, CommandFailed
+from injection_helpers import (
+    RUN_LABEL,
+    Install,
+    create_pod,
+    env_of,
+    get_pod,
+    new_install,
+    pod,
+    sidecars,
+)
+
+
+@pytest.fixture(scope="module")
+def install(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
+    installed = new_install(cluster, tmp_path_factory.mktemp("injection"))
+    try:
+        installed.helm("install", *installed.values())
+        installed.start_operator()
+        yield installed
+    finally:
+        installed.teardown()
+
+
+@pytest.fixture(scope="module")
+def labelled(cluster: Cluster, install: Install) -> Iterator[str]:
+    labels = {"modelplane.io/inject": "enabled", RUN_LABEL: install.run_id}
+    name = cluster.create_namespace("e2e-inject", labels)
+    install.wait_until_serving(name)
+    yield name
+    cluster.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(cluster: Cluster, install: Install, labelled: str) -> Iterator[str]:
+    name = cluster.create_namespace("e2e-plain", {RUN_LABEL: install.run_id})
+    yield name
+    cluster.delete_namespace(name)
+
+
+def assert_injected_once(stored: dict[str, Any], install: Install) -> dict[str, Any]:
+    (sidecar,) = sidecars(stored)
+    assert stored["spec"]["initContainers"][0] is not None
+    assert stored["spec"]["initContainers"][0]["name"] == "modelplane-sidecar"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == "ghcr.io/modelplane/sidecar:0.1.0"
+    command = sidecar["command"]
+    url = command[command.index("--control-plane") + 1]
+    # Sidecars reach the stream through its Service (port 8443), whatever port the Pod uses.
+    assert url == f"https://{install.fullname}.{install.namespace}.svc:8443"
+    assert sidecar["readinessProbe"]["httpGet"] == {
+        "path": "/readyz",
+        "port": 15021,
+        "scheme": "HTTP",
+    }
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+    assert sidecar["resources"]["limits"] == {"cpu": "1", "memory": "256Mi"}
+    volumes = {volume["name"]: volume for volume in stored["spec"]["volumes"]}
+    sources = volumes["modelplane-token"]["projected"]["sources"]
+    token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
+    assert token["audience"] == "modelplane"
+    annotations = stored["metadata"]["annotations"]
+    assert annotations["modelplane.io/injected"] == "true"
+    # The CA injected Pods trust is the operator's own, the one the apiserver trusts too.
+    assert annotations["modelplane.io/ca-bundle"] == base64.b64decode(install.stored_ca()).decode()
+    return sidecar
+
+
+def test_pod_in_labelled_namespace_gets_the_sidecar_and_env(
+    cluster: Cluster, install: Install, labelled: str
+) -> None:
+    created = create_pod(cluster, labelled, pod("app"))
+    stored = get_pod(cluster, labelled, "app")
+
+    assert created["spec"] == stored["spec"]
+    assert_injected_once(stored, install)
+    (app,) = stored["spec"]["containers"]
+    assert env_of(app) == {
+        "OPENAI_BASE_URL": "http://127.0.0.1:15000/v1",
+        "OPENAI_API_BASE": "http://127.0.0.1:15000/v1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:15000",
+        "OPENAI_API_KEY": "modelplane-sidecar",
+        "ANTHROPIC_API_KEY": "modelplane-sidecar",
+    }
+
+
+def test_busy_pod_keeps_its_containers_env_and_init_containers(
+    cluster: Cluster, install: Install, labelled: str
+) -> None:
+    manifest = pod(
+        "busy",
+        initContainers=[{"name": "migrate", "image": "registry.invalid/migrate:1"}],
+        containers=[
+            {
+                "name": "api",
+                "image": "registry.invalid/api:1",
+                "env": [{"name": "ANTHROPIC_BASE_URL", "value": "https://elsewhere.invalid"}],
+            },
+            {"name": "worker", "image": "registry.invalid/worker:1"},
+        ],
+    )
+    result = cluster.kubectl(
+        "create", "-n", labelled, "-f", "-", "-o", "json", input=json.dumps(manifest)
+    )
+
+    # The apiserver hands the webhook's warnings to the client.
+    assert "container 'api' sets ANTHROPIC_BASE_URL itself" in result.stderr
+    stored = get_pod(cluster, labelled, "busy")
+    assert_injected_once(stored, install)
+    assert [c["name"] for c in stored["spec"]["initContainers"]] == [
+        "modelplane-sidecar",
+        "migrate",
+    ]
+    api, worker = stored["spec"]["containers"]
+    assert env_of(api)["ANTHROPIC_BASE_URL"] == "https://elsewhere.invalid"
+    assert env_of(api)["OPENAI_BASE_URL"] == "http://127.0.0.1:15000/v1"
+    assert env_of(worker)["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:15000"
+
+
+def test_opted_out_pod_in_labelled_namespace_is_left_alone(cluster: Cluster, labelled: str) -> None:
+    manifest = pod("opted-out", annotations={"modelplane.io/inject": "false"})
+    create_pod(cluster, labelled, manifest)
+
+    stored = get_pod(cluster, labelled, "opted-out")
+    assert sidecars(stored) == []
+    assert "initContainers" not in stored["spec"]
+    assert "env" not in stored["spec"]["containers"][0]
+    assert "modelplane.io/injected" not in stored["metadata"]["annotations"]
+
+
+def test_host_network_pod_is_never_injected(cluster: Cluster, labelled: str) -> None:
+    manifest = pod("host", hostNetwork=True, annotations={"modelplane.io/inject": "true"})
+    create_pod(cluster, labelled, manifest)
+
+    assert sidecars(get_pod(cluster, labelled, "host")) == []
+
+
+def test_unlabelled_namespace_injects_only_pods_that_ask(
+    cluster: Cluster, install: Install, unlabelled: str
+) -> None:
+    create_pod(cluster, unlabelled, pod("plain"))
+    create_pod(cluster, unlabelled, pod("asks", annotations={"modelplane.io/inject": "true"}))
+
+    plain = get_pod(cluster, unlabelled, "plain")
+    assert sidecars(plain) == []
+    assert "env" not in plain["spec"]["containers"][0]
+    assert_injected_once(get_pod(cluster, unlabelled, "asks"), install)
+
+
+def test_already_injected_pod_is_not_injected_twice(
+    cluster: Cluster, install: Install, labelled: str, unlabelled: str
+) -> None:
+    """A Pod spec copied from an injected Pod (kubectl get -o yaml | kubectl create)."""
+    original = get_pod(cluster, labelled, "app")
+    copy = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "copied",
+            "annotations": original["metadata"]["annotations"],
+        },
+        "spec": {
+            key: original["spec"][key]
+            for key in ("initContainers", "containers", "volumes", "serviceAccountName")
+        },
+    }
+    for namespace in (labelled, unlabelled):
+        create_pod(cluster, namespace, copy)
+        stored = get_pod(cluster, namespace, "copied")
+        assert_injected_once(stored, install)
+        assert [v["name"] for v in stored["spec"]["volumes"]] == [
+            "modelplane-token",
+            "modelplane-state",
+        ]
+        assert len(stored["spec"]["containers"][0]["env"]) == 5
+
+
+def test_bad_override_annotation_is_refused_with_the_reason(
+    cluster: Cluster, labelled: str
+) -> None:
+    manifest = pod("bad", annotations={"modelplane.io/sidecar-port": "fifteen"})
+
+    with pytest.raises(CommandFailed) as failure:
+        create_pod(cluster, labelled, manifest)
+
+    message = failure.value.result.stderr
+    assert "modelplane sidecar injection: annotation modelplane.io/sidecar-port" in message
+    assert "'fifteen' is not a port number" in message
+
+
+def test_override_annotations_reach_the_stored_pod(cluster: Cluster, labelled: str) -> None:
+    annotations = {
+        "modelplane.io/sidecar-port": "16000",
+        "modelplane.io/sidecar-memory-limit": "1Gi",
+        "modelplane.io/sidecar-image": "registry.invalid/sidecar:canary",
+    }
+    create_pod(cluster, labelled, pod("custom", annotations=annotations))
+
+    stored = get_pod(cluster, labelled, "custom")
+    (sidecar,) = sidecars(stored)
+    assert sidecar["image"] == "registry.invalid/sidecar:canary"
+    assert sidecar["resources"]["limits"]["memory"] == "1Gi"
+    assert env_of(stored["spec"]["containers"][0])["OPENAI_BASE_URL"] == (
+        "http://127.0.0.1:16000/v1"
+    )
+
+
+def test_operator_keeps_its_certificates_in_a_tls_secret(
+    cluster: Cluster, install: Install
+) -> None:
+    secret = cluster.kubectl_json("get", "secret", install.secret, "-n", install.namespace)
+
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "modelplane-operator"
+    assert install.ca_bundle() == secret["data"]["ca.crt"]
