@@ -99,6 +99,12 @@ def _operator(args: argparse.Namespace) -> int:
     return _run(run_operator(options))
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import main as explain_main
+
+    return explain_main(args.config, args.request, args.header, args.operation)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
@@ -168,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
+
+    explain = sub.add_parser(
+        "explain", help="show the routing decision for a request, offline (calls no model)"
+    )
+    explain.add_argument("--config", required=True, help="RouterConfig YAML file")
+    explain.add_argument("--request", required=True, help="request body JSON file ('-': stdin)")
+    explain.add_argument(
+        "--header", action="append", default=[], help="request header 'Name: value' (repeatable)"
+    )
+    explain.add_argument(
+        "--operation",
+        choices=["chat", "completions", "embeddings"],
+        help="default: implied by the body (messages, prompt or input)",
+    )
+    explain.set_defaults(func=_explain)
 
     demo = sub.add_parser("demo", help="start stand-in providers and the router, show routing")
     demo.set_defaults(func=_demo)

@@ -28,7 +28,7 @@ from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
 from .metrics import SidecarMetrics
 from .providers.base import Operation
-from .routing import RoutedRequest, decide, explain, prepare_routing
+from .routing import RoutedRequest, decide, explain, operation_for, prepare_routing
 from .runtime import Snapshot
 
 log = logging.getLogger("modelplane.sidecar")
@@ -257,17 +257,10 @@ class Sidecar:
         """
         snapshot = self._current()
         body = _parse_body(await _read_limited(http, snapshot.config.server.max_body_bytes))
-        wanted = http.query.get("operation")
-        if wanted is None:
-            wanted = "chat" if "messages" in body else "completions" if "prompt" in body else ""
-            wanted = wanted or ("embeddings" if "input" in body else "chat")
         try:
-            op = Operation(wanted)
-        except ValueError:
-            raise bad_request(
-                f"operation must be one of chat, completions, embeddings (got {wanted!r})",
-                param="operation",
-            ) from None
+            op = operation_for(body, http.query.get("operation"))
+        except ValueError as exc:
+            raise bad_request(str(exc), param="operation") from None
         trace = explain(snapshot, _routed_request(op, body, http))
         return _json({"configVersion": snapshot.version, **trace.as_json()})
 

@@ -1,7 +1,10 @@
 """Run the router against local stand-in providers and print what it decided for each request.
 
 Everything runs in this one process on loopback ports: one stand-in per endpoint of the example
-config, and the sidecar in front of them. Some stand-ins are scripted to fail, so the table shows
+config, and the sidecar in front of them. The first rows show the routing rules and strategies
+(sensitive data kept on-prem, failing closed when no compliant endpoint exists, cheap vs premium
+by prompt complexity, a sticky A/B split); their "why" is the pick reason from the decision trace
+(POST /v1/modelplane/explain). Then some stand-ins are scripted to fail, so the table shows
 retries, fallbacks and the circuit breaker at work.
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,9 @@ class Step:
     title: str
     path: str
     body: dict[str, Any]
-    why: str
+    #: Empty: show the routing pipeline's own reason (from the explain endpoint).
+    why: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _chat(model: str, text: str, **extra: Any) -> dict[str, Any]:
@@ -47,7 +52,9 @@ def _point_at(config: RouterConfig, urls: dict[str, str]) -> RouterConfig:
 async def _send(
     session: aiohttp.ClientSession, base: str, step: Step
 ) -> tuple[int, dict[str, str], str]:
-    async with session.post(base + step.path, data=orjson.dumps(step.body)) as resp:
+    async with session.post(
+        base + step.path, data=orjson.dumps(step.body), headers=step.headers
+    ) as resp:
         raw = await resp.read()
         text = raw.decode(errors="replace")
         if resp.status >= 400:
@@ -64,8 +71,19 @@ async def _send(
         return resp.status, dict(resp.headers), text
 
 
+async def _pick_reason(session: aiohttp.ClientSession, base: str, step: Step) -> str:
+    """What the routing pipeline says about this request, without sending it anywhere."""
+    async with session.post(
+        base + "/v1/modelplane/explain", data=orjson.dumps(step.body), headers=step.headers
+    ) as resp:
+        trace = orjson.loads(await resp.read())
+    if trace["error"] is not None:
+        return f"{trace['error']['status']}: {trace['error']['code']}"
+    return str(trace["pick"])
+
+
 def _print_table(rows: list[list[str]]) -> None:
-    header = ["#", "request", "status", "endpoint", "tries", "fallbacks", "why"]
+    header = ["#", "request", "status", "endpoint", "rule", "tries", "fallbacks", "why"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     print(line)
@@ -98,7 +116,45 @@ async def run_demo() -> int:
 
     primary = standins["openai-gpt-4o-mini"]
     second = standins["deepseek-chat"]
+    chat = "/v1/chat/completions"
+    ab_users = [f"user-{i}" for i in range(1, 5)]
     steps: list[tuple[Step, Any]] = [
+        (Step("PII prompt", chat, _chat("chat", "Draft a reply to jane.doe@example.com")), None),
+        (Step("secret prompt", chat, _chat("auto", "Why does AKIAIOSFODNN7EXAMPLE fail?")), None),
+        (
+            Step(
+                "PII embedding",
+                "/v1/embeddings",
+                {"model": "embed", "input": "Patient SSN 123-45-6789"},
+                "403: no on-prem endpoint for 'embed': fails closed, nothing sent",
+            ),
+            None,
+        ),
+        (Step("simple prompt", chat, _chat("auto", "List three primary colors.")), None),
+        (
+            Step(
+                "hard prompt",
+                chat,
+                _chat(
+                    "auto",
+                    "Janet has 3 times as many marbles as Tom. After giving Tom 12 marbles they "
+                    "have the same number. How many marbles did Janet have at first?",
+                ),
+            ),
+            None,
+        ),
+        *[
+            (
+                Step(
+                    f"A/B {user}",
+                    chat,
+                    _chat("chat", "Summarize: the meeting moved to Tuesday."),
+                    headers={"x-task": "summarize", "x-user-id": user},
+                ),
+                None,
+            )
+            for user in [*ab_users, ab_users[0]]
+        ],
         (
             Step(
                 "chat", "/v1/chat/completions", _chat("chat", "What is a Pod?"), "primary healthy"
@@ -184,6 +240,7 @@ async def run_demo() -> int:
         for index, (step, setup) in enumerate(steps, 1):
             if setup is not None:
                 setup()
+            why = step.why or await _pick_reason(session, base, step)
             status, headers, text = await _send(session, base, step)
             rows.append(
                 [
@@ -191,9 +248,10 @@ async def run_demo() -> int:
                     step.title,
                     str(status),
                     headers.get("x-modelplane-endpoint", "-"),
+                    headers.get("x-modelplane-rule", "-"),
                     headers.get("x-modelplane-attempts", "-"),
                     headers.get("x-modelplane-fallbacks", "-"),
-                    step.why,
+                    why,
                 ]
             )
             if index == 1:
@@ -201,7 +259,11 @@ async def run_demo() -> int:
         async with session.get(base + "/metrics") as resp:
             metrics = (await resp.text()).splitlines()
     _print_table(rows)
-    served = [m for m in metrics if m.startswith("modelplane_requests_total{")]
+    served = [
+        m
+        for m in metrics
+        if m.startswith(("modelplane_requests_total{", "modelplane_route_decisions_total{"))
+    ]
     print(f"\n{len(steps)} requests in {time.perf_counter() - started:.2f}s; from /metrics:")
     for line in served:
         print("  " + line)

@@ -13,6 +13,7 @@ from .decision import (
     RoutedRequest,
     decide,
     explain,
+    operation_for,
     prepare_routing,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "RoutedRequest",
     "decide",
     "explain",
+    "operation_for",
     "prepare_routing",
 ]

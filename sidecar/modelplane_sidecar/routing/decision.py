@@ -100,6 +100,19 @@ class RouteDecision:
     trace: DecisionTrace | None = None
 
 
+def operation_for(body: dict[str, Any], wanted: str | None = None) -> Operation:
+    """The operation named by `wanted`, else the one the body's shape implies (for explain)."""
+    if wanted is None:
+        shapes = (("messages", "chat"), ("prompt", "completions"), ("input", "embeddings"))
+        wanted = next((op for key, op in shapes if key in body), "chat")
+    try:
+        return Operation(wanted)
+    except ValueError:
+        raise ValueError(
+            f"operation must be one of chat, completions, embeddings (got {wanted!r})"
+        ) from None
+
+
 def uses_complexity(config: RouterConfig) -> bool:
     routes = [(r.strategy, r.match.complexity) for r in config.rules]
     routes += [(m.strategy, None) for m in config.models]

@@ -7,7 +7,7 @@ and a sentence saying why. A budget in `downgrade` mode then moves the cheapest 
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from typing import Protocol
 
 from ..config import BudgetMode, Strategy, Tier
@@ -55,7 +55,8 @@ class WeightedPicker:
             return candidates, f"{candidates[0].name}: every remaining arm has weight 0"
         key = sticky_key(ctx)
         if key is not None:
-            point = zlib.crc32(f"{ctx.route.name}\x00{key[1]}".encode()) % total
+            digest = hashlib.blake2b(f"{ctx.route.name}\x00{key[1]}".encode(), digest_size=8)
+            point = int.from_bytes(digest.digest(), "big") % total
             how = f"hash of {key[0]}"
         else:
             point = ctx.rng.randrange(total)
