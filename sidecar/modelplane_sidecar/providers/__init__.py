@@ -6,6 +6,7 @@ from ..config import Provider
 from .anthropic import AnthropicAdapter
 from .azure_openai import AzureOpenAIAdapter
 from .base import Adapter
+from .bedrock import BedrockAdapter
 from .gemini import GeminiAdapter
 from .openai import OpenAIAdapter
 
@@ -15,6 +16,7 @@ _ADAPTERS: dict[Provider, Adapter] = {
     Provider.ANTHROPIC: AnthropicAdapter(),
     Provider.GEMINI: GeminiAdapter(),
     Provider.AZURE_OPENAI: AzureOpenAIAdapter(),
+    Provider.BEDROCK: BedrockAdapter(),
 }
 
 

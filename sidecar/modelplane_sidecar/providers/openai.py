@@ -196,11 +196,13 @@ class OpenAIStreamPassThrough:
                     FailureKind.SERVER_ERROR, f"upstream reported an error mid-stream: {message}"
                 )
             choices = parsed.get("choices")
-            if isinstance(choices, list) and any(
-                isinstance(c, dict) and c.get("finish_reason") for c in choices
-            ):
-                self._finished = True
-            usage = usage_from_openai(parsed.get("usage"))
+            if not self._finished and isinstance(choices, list):
+                for choice in choices:
+                    if isinstance(choice, dict) and choice.get("finish_reason"):
+                        self._finished = True
+                        break
+            reported = parsed.get("usage")  # null in every chunk but the last: skip the call
+            usage = usage_from_openai(reported) if reported is not None else None
             if usage is not None:
                 self.usage = usage
                 if not self._forward_usage_chunk and not choices:

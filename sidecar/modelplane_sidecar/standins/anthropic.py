@@ -68,7 +68,7 @@ class AnthropicStandIn(ScriptedStandIn):
         app.router.add_post("/v1/messages", self._messages)
         return app
 
-    def auth_error(self, request: web.Request) -> web.HTTPException | None:
+    def auth_error(self, request: web.Request, raw: bytes) -> web.HTTPException | None:
         if self.api_key is not None:
             # The API takes the key in `x-api-key`, or as a bearer token (what SDK 2.x sends).
             bearer = request.headers.get("authorization", "")

@@ -63,7 +63,7 @@ class GeminiStandIn(ScriptedStandIn):
         )
         return app
 
-    def auth_error(self, request: web.Request) -> web.HTTPException | None:
+    def auth_error(self, request: web.Request, raw: bytes) -> web.HTTPException | None:
         if self.api_key is None:
             return None
         if request.path.startswith("/v1/projects/"):

@@ -48,7 +48,7 @@ class ScriptedStandIn:
 
     # -- provider specifics -----------------------------------------------------------------
 
-    def auth_error(self, request: web.Request) -> web.HTTPException | None:
+    def auth_error(self, request: web.Request, raw: bytes) -> web.HTTPException | None:
         """The provider's answer to a request with missing or wrong credentials."""
         raise NotImplementedError
 
@@ -68,8 +68,9 @@ class ScriptedStandIn:
             raise self.error(400, "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise self.error(400, "The request body must be a JSON object.")
-        self.received.append(Received(request.path_qs, dict(request.headers), body))
-        denied = self.auth_error(request)
+        # The path as sent (still percent-encoded), query included.
+        self.received.append(Received(request.raw_path, dict(request.headers), body))
+        denied = self.auth_error(request, raw)
         if denied is not None:
             raise denied
         behaviour = self.next_behaviour()
