@@ -1,0 +1,74 @@
+"""The SSE parser: its fast path for one-line `data:` events agrees with the general parse, and
+events come out the same however the byte stream is split into chunks."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelplane_sidecar.providers.sse import SSEEvent, SSEParser
+
+# Field values without line breaks; ':' and leading spaces included on purpose.
+_value = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+_line = st.one_of(
+    _value.map(lambda v: b"data: " + v),
+    _value.map(lambda v: b"data:" + v),
+    _value.map(lambda v: b"event: " + v),
+    _value.map(lambda v: b": " + v),  # a comment
+    _value.map(lambda v: b"id: " + v),
+)
+_event = st.lists(_line, min_size=1, max_size=4).map(lambda lines: b"\n".join(lines) + b"\n\n")
+
+
+def _reference(raw: bytes) -> SSEEvent | None:
+    """The general parse, written out the long way (what the fast path must agree with)."""
+    name: str | None = None
+    data: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    if name is None and not data:
+        return None
+    return SSEEvent(name, b"\n".join(data), raw)
+
+
+def _events(stream: bytes, cuts: list[int]) -> list[SSEEvent]:
+    parser = SSEParser()
+    out: list[SSEEvent] = []
+    start = 0
+    for cut in [*sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]:
+        out.extend(parser.feed(stream[start:cut]))
+        start = cut
+    assert parser.pending == b""
+    return out
+
+
+@given(st.lists(_event, min_size=1, max_size=6), st.lists(st.integers(0, 10_000), max_size=8))
+def test_events_match_the_general_parse_at_any_chunking(
+    events: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(events)
+    expected = [e for e in (_reference(raw) for raw in events) if e is not None]
+    assert _events(stream, cuts) == expected
+
+
+def test_one_line_data_events_keep_their_raw_bytes_for_pass_through() -> None:
+    frames = [b'data: {"a":1}\n\n', b"data: \n\n", b"data: [DONE]\n\n"]
+    events = SSEParser().feed(b"".join(frames))
+    assert [(e.event, e.data, e.raw) for e in events] == [
+        (None, b'{"a":1}', frames[0]),
+        (None, b"", frames[1]),
+        (None, b"[DONE]", frames[2]),
+    ]
+
+
+def test_multi_line_data_and_crlf_take_the_general_path() -> None:
+    events = SSEParser().feed(b"event: delta\r\ndata: one\r\ndata: two\r\n\r\ndata: x\ndata: y\n\n")
+    assert [(e.event, e.data) for e in events] == [("delta", b"one\ntwo"), (None, b"x\ny")]
