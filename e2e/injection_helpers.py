@@ -70,6 +70,9 @@ class Install:
     def helm(self, command: str, *flags: str) -> None:
         self.cluster.helm(command, self.release, str(CHART), "-n", self.namespace, *flags)
 
+    def uninstall(self) -> None:
+        self.cluster.helm("uninstall", self.release, "-n", self.namespace, "--wait")
+
     def deployment_command(self) -> list[str]:
         deployment = self.cluster.kubectl_json(
             "get", "deployment", self.fullname, "-n", self.namespace

@@ -1,0 +1,120 @@
+"""The chart's life cycle against the real apiserver: lint, install, an operator outage under both
+failure policies, upgrade, uninstall. Nothing may be left behind that blocks Pod creation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+from cluster import Cluster, CommandFailed
+from injection_helpers import (
+    CHART,
+    RUN_LABEL,
+    Install,
+    create_pod,
+    get_pod,
+    new_install,
+    pod,
+    sidecars,
+)
+from operator_helpers import wait_for
+
+
+@pytest.fixture
+def install(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
+    installed = new_install(cluster, tmp_path_factory.mktemp("chart"))
+    try:
+        yield installed
+    finally:
+        installed.teardown()
+
+
+def labelled_namespace(cluster: Cluster, install: Install) -> str:
+    labels = {"modelplane.io/inject": "enabled", RUN_LABEL: install.run_id}
+    return cluster.create_namespace("e2e-chart", labels)
+
+
+def test_chart_lints_clean(cluster: Cluster) -> None:
+    result = cluster.helm("lint", "--strict", str(CHART))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+def test_operator_outage_blocks_pods_only_with_failure_policy_fail(
+    cluster: Cluster, install: Install
+) -> None:
+    install.helm("install", *install.values())
+    install.start_operator()
+    namespace = labelled_namespace(cluster, install)
+    install.wait_until_serving(namespace)
+    assert install.operator is not None
+    install.operator.stop()
+
+    # Ignore (the default): the Pod is created, without the sidecar.
+    create_pod(cluster, namespace, pod("during-outage"))
+    assert sidecars(get_pod(cluster, namespace, "during-outage")) == []
+
+    install.helm("upgrade", *install.values(**{"webhook.failurePolicy": "Fail"}))
+    policies = {
+        hook["failurePolicy"] for hook in install.webhook_configuration_object()["webhooks"]
+    }
+    assert policies == {"Fail"}
+    with pytest.raises(CommandFailed) as refused:
+        create_pod(cluster, namespace, pod("refused"))
+    assert "failed calling webhook" in refused.value.result.stderr
+    cluster.delete_namespace(namespace)
+
+
+def test_upgrade_keeps_injection_working_and_uninstall_removes_the_webhook(
+    cluster: Cluster, install: Install
+) -> None:
+    install.helm("install", *install.values())
+    install.start_operator()
+    namespace = labelled_namespace(cluster, install)
+    install.wait_until_serving(namespace)
+    bundle = install.ca_bundle()
+
+    install.helm("upgrade", *install.values(**{"sidecar.resources.limits.memory": "384Mi"}))
+
+    # The chart leaves caBundle to the operator: an upgrade must not take it away.
+    assert install.ca_bundle() == bundle
+    assert "--sidecar-memory-limit=384Mi" in install.deployment_command()
+    # A rollout: the operator restarts with the upgraded Deployment's flags.
+    assert install.operator is not None
+    install.operator.stop()
+    install.start_operator()
+    names = (f"after-upgrade-{i}" for i in itertools.count())
+
+    def injected_with_new_limit() -> bool:
+        # Until the new process listens, Pods are created without the sidecar (Ignore).
+        found = sidecars(create_pod(cluster, namespace, pod(next(names))))
+        return bool(found) and found[0]["resources"]["limits"]["memory"] == "384Mi"
+
+    wait_for(injected_with_new_limit, "Pods injected with the upgraded settings")
+    # Same Secret, same CA: Pods injected before the upgrade keep trusting the operator.
+    assert install.ca_bundle() == bundle
+
+    install.uninstall()
+
+    assert install.webhook_configuration_object() is None
+    leftovers = cluster.kubectl_json(
+        "get",
+        "mutatingwebhookconfigurations,clusterroles,clusterrolebindings",
+        "-l",
+        f"app.kubernetes.io/instance={install.release}",
+    )
+    assert leftovers["items"] == []
+    install.operator.stop()
+    created = create_pod(cluster, namespace, pod("after-uninstall"))
+    assert sidecars(created) == []
+    cluster.delete_namespace(namespace)
+
+
+def test_bad_values_are_refused_with_a_clear_message(cluster: Cluster) -> None:
+    result = cluster.helm("template", "x", str(CHART), "--set", "webhook.mode=url", check=False)
+    assert result.returncode != 0
+    assert "webhook.mode=url needs webhook.url" in result.stderr
+    result = cluster.helm("template", "x", str(CHART), "--set", "operator.replicas=2", check=False)
+    assert "operator.replicas > 1 needs operator.leaderElection.enabled=true" in result.stderr
