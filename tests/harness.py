@@ -65,8 +65,13 @@ class Router:
         return self.app[SIDECAR_KEY]
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.sidecar.metrics.registry.get_sample_value(name, labels)
-        return value or 0.0
+        """The sum of the samples of `name` whose labels include `labels` (0 if none)."""
+        total = 0.0
+        for family in self.sidecar.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
 
 
 class Upstreams:

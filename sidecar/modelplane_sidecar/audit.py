@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+log = logging.getLogger("modelplane.sidecar.audit")
 
 GENESIS = "0" * 64
 RECORD = "request"
@@ -110,6 +113,11 @@ class AuditChain:
             lines.append(self.checkpoint())
         return lines
 
+    @property
+    def unsigned(self) -> int:
+        """Records appended since the last checkpoint."""
+        return self._since_checkpoint
+
     def checkpoint(self) -> bytes:
         self._since_checkpoint = 0
         covered = self.seq
@@ -130,7 +138,13 @@ def _now() -> str:
 
 
 class AuditLog:
-    """Async front of an AuditChain: records are chained at once, written in batches off-loop."""
+    """Async front of an AuditChain: records are chained at once, written in batches off-loop.
+
+    A checkpoint is signed every `checkpoint_every` records and, when records are waiting for
+    one, every `checkpoint_seconds`, so a quiet sidecar's tail does not stay unsigned for long.
+    A failed write keeps the lines and tries again on the next flush (up to `max_pending`
+    lines; beyond that the oldest are dropped, which `verify_lines` then reports as missing).
+    """
 
     def __init__(
         self,
@@ -138,12 +152,23 @@ class AuditLog:
         sink: IO[bytes],
         identity: dict[str, Any],
         flush_interval: float = 0.2,
+        checkpoint_seconds: float = 60.0,
+        on_write_error: Callable[[OSError], None] | None = None,
+        max_pending: int = 100_000,
     ) -> None:
         self._chain = chain
         self._sink = sink
         self._pending: list[bytes] = [chain.start(identity)]
         self._interval = flush_interval
+        self._checkpoint_seconds = checkpoint_seconds
+        self._last_checkpoint = time.monotonic()
+        self._on_write_error = on_write_error
+        self._max_pending = max_pending
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def chain(self) -> AuditChain:
+        return self._chain
 
     @classmethod
     def open(
@@ -152,14 +177,25 @@ class AuditLog:
         key: Ed25519PrivateKey,
         identity: dict[str, Any],
         checkpoint_every: int = 100,
+        checkpoint_seconds: float = 60.0,
+        on_write_error: Callable[[OSError], None] | None = None,
     ) -> AuditLog:
         to_stdout = destination in ("-", "stdout")
         # The file stays open for the life of the log; close() closes it.
         sink: IO[bytes] = sys.stdout.buffer if to_stdout else Path(destination).open("ab")  # noqa: SIM115
-        return cls(AuditChain(key, checkpoint_every), sink, identity)
+        return cls(
+            AuditChain(key, checkpoint_every),
+            sink,
+            identity,
+            checkpoint_seconds=checkpoint_seconds,
+            on_write_error=on_write_error,
+        )
 
     def record(self, fields: dict[str, Any]) -> None:
-        self._pending.extend(self._chain.record(fields))
+        lines = self._chain.record(fields)
+        if len(lines) > 1:
+            self._last_checkpoint = time.monotonic()
+        self._pending.extend(lines)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._flush_forever())
@@ -167,13 +203,31 @@ class AuditLog:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            if (
+                self._chain.unsigned
+                and time.monotonic() - self._last_checkpoint >= self._checkpoint_seconds
+            ):
+                self._pending.append(self._chain.checkpoint())
+                self._last_checkpoint = time.monotonic()
             await self.flush()
 
     async def flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
+        except OSError as exc:
+            self._pending[:0] = batch
+            overflow = len(self._pending) - self._max_pending
+            if overflow > 0:
+                del self._pending[:overflow]
+                log.error(
+                    "audit log: dropped the %d oldest lines that could not be written", overflow
+                )
+            log.error("audit log write failed, will retry: %s", exc.strerror or exc)
+            if self._on_write_error is not None:
+                self._on_write_error(exc)
 
     def _write(self, batch: list[bytes]) -> None:
         self._sink.write(b"".join(batch))
@@ -198,20 +252,76 @@ class VerifyReport:
     #: Records after the last signed checkpoint: intact-looking but not yet signed.
     unsigned_tail: int
     public_key: str | None
+    #: Chains in the file: a sidecar that restarts appends a new chain to the same file.
+    chains: int = 0
+    #: Things that are not proof of tampering but limit what the file proves (see docs).
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _ChainState:
+    """Where one chain stands while its lines are read."""
+
+    chain_id: str | None
+    key: Ed25519PublicKey | None
+    start_line: int
+    head: str = GENESIS
+    expected_seq: int = 1
+    records: int = 0
+    last_signed: int = 0
+
+    @property
+    def unsigned(self) -> int:
+        return self.records - self.last_signed
+
+
+def _check_checkpoint(
+    state: _ChainState, entry: dict[str, Any], number: int, problems: list[str]
+) -> None:
+    if state.key is None:
+        problems.append(f"line {number}: checkpoint but no public key to check it with")
+        return
+    try:
+        covers = int(entry.get("covers", -1))
+        state.key.verify(
+            base64.b64decode(entry.get("sig", "")),
+            _checkpoint_message(str(state.chain_id), covers, str(entry.get("head"))),
+        )
+    except (InvalidSignature, ValueError, TypeError):
+        problems.append(f"line {number}: checkpoint signature is not valid")
+        return
+    if entry.get("head") != state.head or covers != state.expected_seq - 1:
+        problems.append(f"line {number}: signed checkpoint does not cover the chain as read")
+        return
+    state.last_signed = state.records
 
 
 def verify_lines(
     lines: Iterable[bytes], public_key: Ed25519PublicKey | None = None
 ) -> VerifyReport:
-    """Check one chain; every problem names the line number and what is wrong there."""
+    """Check every chain in a file; each problem names the line number and what is wrong there.
+
+    A `chain-start` line with seq 1 begins a new chain (the sidecar restarted and appended).
+    With `public_key`, every checkpoint must be signed by that key; without it, each chain's
+    checkpoints are checked against the key its own start line announces, which proves the
+    chain is intact but not who wrote it (pin the key for that).
+    """
     problems: list[str] = []
-    head = GENESIS
-    expected_seq = 1
-    chain_id: str | None = None
-    key = public_key
+    warnings: list[str] = []
+    chains: list[_ChainState] = []
+    state: _ChainState | None = None
     embedded: str | None = None
     records = checkpoints = 0
-    last_signed = 0
+
+    def ended(current: _ChainState) -> None:
+        """A later chain starts: this one should have ended with its closing checkpoint."""
+        if current.unsigned:
+            warnings.append(
+                f"chain {current.chain_id!r} (from line {current.start_line}) ends with "
+                f"{current.unsigned} unsigned record(s): the sidecar stopped without closing it "
+                "(crash or kill), or its tail was cut"
+            )
+
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -220,63 +330,66 @@ def verify_lines(
         except orjson.JSONDecodeError:
             problems.append(f"line {number}: not valid JSON (edited or corrupted)")
             continue
+        if not isinstance(entry, dict):
+            problems.append(f"line {number}: not an audit entry (edited or corrupted)")
+            continue
         seq = entry.get("seq")
-        if chain_id is None:
-            chain_id = entry.get("chain")
-        if entry.get("chain") != chain_id:
+        kind = entry.get("type")
+        if state is None or (kind == START and seq == 1):
+            if state is not None:
+                ended(state)
+            state = _ChainState(entry.get("chain"), public_key, number)
+            chains.append(state)
+        if entry.get("chain") != state.chain_id:
             problems.append(
-                f"line {number}: belongs to chain {entry.get('chain')!r}, not {chain_id!r}"
+                f"line {number}: belongs to chain {entry.get('chain')!r}, not {state.chain_id!r}"
             )
-        if seq != expected_seq:
-            if isinstance(seq, int) and seq > expected_seq:
+        expected = state.expected_seq
+        if seq != expected:
+            if isinstance(seq, int) and seq > expected:
                 problems.append(
-                    f"line {number}: seq {seq} follows {expected_seq - 1}: "
-                    f"{seq - expected_seq} record(s) missing (deleted) before it"
+                    f"line {number}: seq {seq} follows {expected - 1}: "
+                    f"{seq - expected} record(s) missing (deleted) before it"
                 )
             else:
                 problems.append(
-                    f"line {number}: seq {seq} where {expected_seq} was expected (reordered "
+                    f"line {number}: seq {seq} where {expected} was expected (reordered "
                     "or duplicated)"
                 )
-        if entry.get("prev") != head:
+        if entry.get("prev") != state.head:
             problems.append(f"line {number} (seq {seq}): does not link to the record before it")
-        if _link(entry.get("prev", ""), entry) != entry.get("hash"):
+        if _link(str(entry.get("prev", "")), entry) != entry.get("hash"):
             problems.append(f"line {number} (seq {seq}): content does not match its hash (edited)")
-        kind = entry.get("type")
-        if kind == START and embedded is None:
-            embedded = entry.get("publicKey")
-            if key is None and isinstance(embedded, str):
-                key = Ed25519PublicKey.from_public_bytes(base64.b64decode(embedded))
+        if kind == START:
+            announced = entry.get("publicKey")
+            if embedded is None and isinstance(announced, str):
+                embedded = announced
+            if public_key is None and isinstance(announced, str):
+                try:
+                    state.key = Ed25519PublicKey.from_public_bytes(base64.b64decode(announced))
+                except ValueError:
+                    problems.append(f"line {number}: chain-start has an unreadable public key")
         elif kind == CHECKPOINT:
             checkpoints += 1
-            if key is None:
-                problems.append(f"line {number}: checkpoint but no public key to check it with")
-            else:
-                try:
-                    key.verify(
-                        base64.b64decode(entry.get("sig", "")),
-                        _checkpoint_message(
-                            str(chain_id), int(entry.get("covers", -1)), str(entry.get("head"))
-                        ),
-                    )
-                    if entry.get("head") != head or entry.get("covers") != expected_seq - 1:
-                        problems.append(
-                            f"line {number}: signed checkpoint does not cover the chain as read"
-                        )
-                    last_signed = records
-                except (InvalidSignature, ValueError):
-                    problems.append(f"line {number}: checkpoint signature is not valid")
+            _check_checkpoint(state, entry, number, problems)
         elif kind == RECORD:
             records += 1
-        head = entry.get("hash", "")
-        expected_seq = (seq if isinstance(seq, int) else expected_seq) + 1
+            state.records += 1
+        else:
+            problems.append(f"line {number} (seq {seq}): unknown entry type {kind!r}")
+        state.head = str(entry.get("hash", ""))
+        state.expected_seq = (seq if isinstance(seq, int) else expected) + 1
+    if state is None:
+        problems.append("no audit lines in the file")
     return VerifyReport(
         ok=not problems,
         records=records,
         checkpoints=checkpoints,
         problems=problems,
-        unsigned_tail=records - last_signed,
+        unsigned_tail=state.unsigned if state is not None else 0,
         public_key=embedded,
+        chains=len(chains),
+        warnings=warnings,
     )
 
 

@@ -15,16 +15,17 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from .auditing import AuditTrail, RequestEnd
 from .config import RetryOn
 from .errors import ApiError
-from .metrics import SidecarMetrics
+from .metrics import Outcome, SidecarMetrics
 from .providers.base import (
     ANOTHER_ENDPOINT_MAY_SERVE,
     FailureKind,
@@ -61,6 +62,9 @@ class AttemptRecord:
     outcome: str
     status: int | None = None
     kind: FailureKind | None = None
+    #: For the audit record: ok, the failure kind, circuit_breaker_open, deadline_exceeded
+    #: ("" for endpoints the routing pipeline removed; the record lists those apart).
+    result: str = ""
 
     def describe(self) -> str:
         if self.attempt == 0:
@@ -72,6 +76,17 @@ class AttemptRecord:
             "endpoint": self.endpoint,
             "attempt": self.attempt,
             "outcome": self.outcome,
+            "status": self.status,
+        }
+
+    def as_audit(self) -> dict[str, Any] | None:
+        """No message: upstream error texts may echo the request."""
+        if not self.result:
+            return None
+        return {
+            "endpoint": self.endpoint,
+            "attempt": self.attempt,
+            "result": self.result,
             "status": self.status,
         }
 
@@ -110,6 +125,10 @@ class Exchange:
     request_id: str
     #: Set when the app speaks another API than OpenAI's (e.g. Anthropic Messages).
     dialect: ClientDialect | None = None
+    #: Every attempt and skipped endpoint so far, in order.
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    #: Set once the request's metrics and audit record are written.
+    finished: bool = False
 
 
 def cost_usd(endpoint: EndpointRuntime, usage: Usage) -> float:
@@ -133,21 +152,34 @@ class Forwarder:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._session = session
         self._metrics = metrics
         self._sleep = sleep
         self._jitter = jitter
+        self._audit = audit
 
     async def forward(self, ex: Exchange) -> web.StreamResponse:
+        try:
+            return await self._forward(ex)
+        except asyncio.CancelledError:
+            # The app went away while the router waited for an upstream answer.
+            if not ex.finished:
+                self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
+                self._finish(ex, Outcome.CLIENT_DISCONNECTED, 499, None, None)
+            raise
+
+    async def _forward(self, ex: Exchange) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         alias = ex.decision.alias
         retry = alias.retry
         breaker_policy = alias.circuit_breaker
         deadline = loop.time() + alias.timeout.total_seconds
-        records: list[AttemptRecord] = [
+        records = ex.attempts
+        records.extend(
             AttemptRecord(name, 0, f"removed: {why}") for name, why in ex.decision.removed
-        ]
+        )
         attempts = 0
         tried_endpoints = 0
         last_client_failure: tuple[EndpointRuntime, UpstreamFailure] | None = None
@@ -168,6 +200,7 @@ class Forwarder:
                             endpoint.name,
                             0,
                             f"skipped: circuit breaker open (probe in {wait:.1f}s)",
+                            result="circuit_breaker_open",
                         )
                     )
                     break
@@ -183,10 +216,16 @@ class Forwarder:
                         translated = await self._call(ex, endpoint, remaining)
                 except UpstreamFailure as failure:
                     failure.message = ex.snapshot.redact(failure.message.encode()).decode()
-                    self._metrics.attempts.labels(endpoint.name, failure.kind.value).inc()
+                    provider = endpoint.config.provider.value
+                    self._metrics.attempts.labels(endpoint.name, provider, failure.kind).inc()
                     records.append(
                         AttemptRecord(
-                            endpoint.name, attempt, failure.message, failure.status, failure.kind
+                            endpoint.name,
+                            attempt,
+                            failure.message,
+                            failure.status,
+                            failure.kind,
+                            failure.kind.value,
                         )
                     )
                     self._record_health(endpoint, failure.kind, breaker_policy)
@@ -205,12 +244,12 @@ class Forwarder:
                     breaker.release_probe()
                     raise
                 breaker.record_success(breaker_policy)
-                self._metrics.attempts.labels(endpoint.name, "ok").inc()
-                self._metrics.breaker_state.labels(endpoint.name).set(0)
+                self._metrics.endpoint(endpoint.name, endpoint.config.provider).attempt_ok.inc()
+                records.append(AttemptRecord(endpoint.name, attempt, "ok", 200, result="ok"))
                 headers = self._headers(ex, endpoint, attempts, tried_endpoints - 1)
                 if ex.request.stream:
                     return await self._relay_stream(ex, endpoint, start, headers)
-                self._account(ex, endpoint, translated.usage, "ok")
+                self._finish(ex, Outcome.OK, 200, endpoint, translated.usage)
                 body = translated.body
                 if ex.dialect is not None:
                     body = ex.dialect.response_body(body)
@@ -218,7 +257,12 @@ class Forwarder:
 
         if deadline_hit:
             records.append(
-                AttemptRecord("(router)", 0, f"deadline of {alias.timeout.total_seconds:g}s passed")
+                AttemptRecord(
+                    "(router)",
+                    0,
+                    f"deadline of {alias.timeout.total_seconds:g}s passed",
+                    result="deadline_exceeded",
+                )
             )
         if last_client_failure is not None and records[-1].kind in ANOTHER_ENDPOINT_MAY_SERVE:
             # No other endpoint could take over: the app gets the upstream's own answer.
@@ -252,8 +296,6 @@ class Forwarder:
         breaker = endpoint.state.breaker
         if kind in _UNHEALTHY:
             breaker.record_failure(policy)
-            opened = breaker.state.value != "closed"
-            self._metrics.breaker_state.labels(endpoint.name).set(1 if opened else 0)
         elif kind in (FailureKind.RATE_LIMIT, FailureKind.UNSUPPORTED):
             # Alive but busy, or never called: no verdict for the breaker.
             breaker.release_probe()
@@ -365,14 +407,15 @@ class Forwarder:
         translator = start.translator
         idle = endpoint.config.timeouts.stream_idle_seconds
         loop = asyncio.get_running_loop()
-        outcome = "ok"
+        outcome = Outcome.OK
+        ttft: float | None = None
         try:
             await response.prepare(ex.http)
             rewrite = ex.dialect.stream().feed if ex.dialect is not None else _unchanged
             await response.write(rewrite(start.first))
-            self._metrics.ttft.labels(ex.request.model, endpoint.name).observe(
-                time.perf_counter() - ex.received_at
-            )
+            ttft = time.perf_counter() - ex.received_at
+            series = self._metrics.endpoint(endpoint.name, endpoint.config.provider)
+            series.ttft(ex.decision.alias.name).observe(ttft)
             broken: UpstreamFailure | None = None
             try:
                 async with asyncio.timeout(idle) as idle_timer:
@@ -396,35 +439,78 @@ class Forwarder:
             except aiohttp.ClientPayloadError as exc:
                 broken = _connection_failure(exc)
             if broken is not None:
-                outcome = "stream_error"
+                outcome = Outcome.STREAM_ERROR
                 message = ex.snapshot.redact(broken.message.encode()).decode()
                 endpoint.state.breaker.record_failure(ex.decision.alias.circuit_breaker)
                 self._metrics.stream_failures.labels(endpoint.name, broken.kind.value).inc()
                 await response.write(rewrite(_stream_error_event(endpoint.name, message)))
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
-            outcome = "client_disconnected"
-            self._metrics.client_disconnects.labels(ex.request.model).inc()
+            outcome = Outcome.CLIENT_DISCONNECTED
+            self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
             raise
         finally:
             upstream.close()
             endpoint.state.in_flight -= 1
             usage = translator.usage or Usage(estimated=True)
-            self._account(ex, endpoint, usage, outcome)
+            self._finish(ex, outcome, 200, endpoint, usage, ttft=ttft)
         return response
 
-    def _account(self, ex: Exchange, endpoint: EndpointRuntime, usage: Usage, outcome: str) -> None:
-        m = self._metrics
-        model = ex.request.model
-        m.requests.labels(model, endpoint.name, ex.decision.rule, outcome).inc()
-        m.latency.labels(model, endpoint.name).observe(time.perf_counter() - ex.received_at)
-        if usage.input_tokens:
-            m.tokens.labels(endpoint.name, "input").inc(usage.input_tokens)
-        if usage.output_tokens:
-            m.tokens.labels(endpoint.name, "output").inc(usage.output_tokens)
-        cost = cost_usd(endpoint, usage)
-        if cost:
-            m.cost.labels(endpoint.name).inc(cost)
+    def _finish(
+        self,
+        ex: Exchange,
+        outcome: Outcome,
+        status: int,
+        endpoint: EndpointRuntime | None,
+        usage: Usage | None,
+        *,
+        ttft: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """The one place a forwarded request is accounted: metrics, then its audit record."""
+        ex.finished = True
+        elapsed = time.perf_counter() - ex.received_at
+        model = ex.decision.alias.name
+        rule = ex.decision.rule
+        cost = 0.0
+        if endpoint is None:
+            self._metrics.requests.labels(model, "", "", rule, outcome).inc()
+        else:
+            series = self._metrics.endpoint(endpoint.name, endpoint.config.provider)
+            series.requests(model, rule, outcome).inc()
+            if usage is not None:
+                series.latency(model).observe(elapsed)
+                if usage.input_tokens:
+                    series.input_tokens.inc(usage.input_tokens)
+                if usage.output_tokens:
+                    series.output_tokens.inc(usage.output_tokens)
+                cost = cost_usd(endpoint, usage)
+                if cost:
+                    series.cost.inc(cost)
+        if self._audit is None:
+            return
+        attempts = [a for a in (r.as_audit() for r in ex.attempts) if a is not None]
+        self._audit.request(
+            RequestEnd(
+                ex.request_id,
+                outcome,
+                status,
+                ex.http.path,
+                ex.snapshot,
+                model,
+                ex.request.stream,
+                ex.decision.trace,
+                rule,
+                endpoint,
+                attempts,
+                usage,
+                cost,
+                error,
+                elapsed,
+                ex.decision_ms,
+                ttft,
+            )
+        )
 
     def _headers(
         self, ex: Exchange, endpoint: EndpointRuntime, attempts: int, fallbacks: int
@@ -449,9 +535,9 @@ class Forwarder:
     ) -> web.Response:
         headers = self._headers(ex, endpoint, attempts, tried - 1)
         status = failure.status or 400
-        self._metrics.requests.labels(
-            ex.request.model, endpoint.name, ex.decision.rule, "client_error"
-        ).inc()
+        self._finish(
+            ex, Outcome.CLIENT_ERROR, status, endpoint, None, error="upstream_client_error"
+        )
         if failure.client_body is not None:
             body = ex.snapshot.redact(failure.client_body)
             return web.Response(
@@ -463,7 +549,6 @@ class Forwarder:
         alias = ex.decision.alias
         failed = [r for r in records if r.kind is not None]
         capacity_only = all(r.kind is FailureKind.RATE_LIMIT for r in failed)
-        self._metrics.requests.labels(alias.name, "", ex.decision.rule, "exhausted").inc()
         causes = "; ".join(r.describe() for r in records) or "no candidate endpoints"
         if attempts == 0:
             status, code = 503, "no_endpoint_available"
@@ -475,6 +560,7 @@ class Forwarder:
                 f"All endpoints of model {alias.name!r} failed after {attempts} attempt(s): "
                 f"{causes}"
             )
+        self._finish(ex, Outcome.EXHAUSTED, status, None, None, error=code)
         return ApiError(
             status,
             message,

@@ -21,14 +21,15 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .auditing import AuditSettings, AuditTrail, RequestEnd, open_trail
 from .config import ConfigError, RouterConfig, load_config_file
 from .errors import ApiError, bad_request
 from .forward import Exchange, Forwarder
 from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
-from .metrics import SidecarMetrics
+from .metrics import Outcome, SidecarMetrics, SyncState
 from .providers.base import Operation
-from .routing import RoutedRequest, decide, explain, operation_for, prepare_routing
+from .routing import DecisionTrace, RoutedRequest, decide, explain, operation_for, prepare_routing
 from .runtime import Snapshot
 
 log = logging.getLogger("modelplane.sidecar")
@@ -43,6 +44,7 @@ class ConfigHolder:
         self._metrics = metrics
         self.snapshot: Snapshot | None = None
         self.source = "none"
+        metrics.watch(lambda: self.snapshot)
 
     def apply(self, config: RouterConfig, source: str) -> bool:
         """Install `config`; returns False when it is identical to the one serving."""
@@ -54,8 +56,7 @@ class ConfigHolder:
         prepare_routing(config)
         self.snapshot = snapshot
         self.source = source
-        self._metrics.config_info.clear()
-        self._metrics.config_info.labels(snapshot.version, source).set(1)
+        self._metrics.config_applied_now(snapshot.version, source)
         self._metrics.config_reloads.labels("applied").inc()
         log.info(
             "config applied",
@@ -92,10 +93,11 @@ class FileConfigWatcher:
         loop = asyncio.get_running_loop()
         try:
             config = await loop.run_in_executor(None, load_config_file, self._path)
+            # Building the snapshot resolves credentials (e.g. Bedrock's AWS keys): may fail too.
+            return self._holder.apply(config, f"file:{self._path}")
         except ConfigError as exc:
             self._holder.reject(exc, f"file ({reason})")
             return False
-        return self._holder.apply(config, f"file:{self._path}")
 
     async def _poll(self) -> None:
         while True:
@@ -130,9 +132,12 @@ def _request_id(request: web.Request) -> str:
 class Sidecar:
     """The aiohttp application and its collaborators, wired once at start."""
 
-    def __init__(self, holder: ConfigHolder, metrics: SidecarMetrics) -> None:
+    def __init__(
+        self, holder: ConfigHolder, metrics: SidecarMetrics, audit: AuditTrail | None = None
+    ) -> None:
         self.holder = holder
         self.metrics = metrics
+        self.audit = audit
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
 
@@ -171,9 +176,13 @@ class Sidecar:
             timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
         )
-        self._forwarder = Forwarder(self._session, self.metrics)
+        self._forwarder = Forwarder(self._session, self.metrics, audit=self.audit)
+        if self.audit is not None:
+            self.audit.start()
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        if self.audit is not None:
+            await self.audit.close()
         if self._session is not None:
             await self._session.close()
 
@@ -211,26 +220,37 @@ class Sidecar:
         self, http: web.Request, op: Operation, front_door: FrontDoor | None = None
     ) -> web.StreamResponse:
         received = time.perf_counter()
-        snapshot = self._current()
-        limit = snapshot.config.server.max_body_bytes
-        if http.content_length is not None and http.content_length > limit:
-            raise ApiError(
-                413,
-                f"Request body of {http.content_length} bytes is larger than this router's "
-                f"limit of {limit} bytes",
-                code="request_too_large",
-            )
-        body = _parse_body(await _read_limited(http, limit))
-        dialect = None
-        if front_door is not None:
-            body, dialect = front_door(body)
-        routed = _routed_request(op, body, http)
+        request_id = _request_id(http)
+        snapshot: Snapshot | None = None
+        routed: RoutedRequest | None = None
+        trace = DecisionTrace("")
         try:
-            decision = decide(snapshot, routed)
+            snapshot = self._current()
+            limit = snapshot.config.server.max_body_bytes
+            if http.content_length is not None and http.content_length > limit:
+                raise ApiError(
+                    413,
+                    f"Request body of {http.content_length} bytes is larger than this router's "
+                    f"limit of {limit} bytes",
+                    code="request_too_large",
+                )
+            body = _parse_body(await _read_limited(http, limit))
+            dialect = None
+            if front_door is not None:
+                body, dialect = front_door(body)
+            routed = _routed_request(op, body, http)
+            trace.model = routed.model
+            try:
+                decision = decide(snapshot, routed, trace=trace)
+            except ApiError as exc:
+                self.metrics.refusals.labels(
+                    exc.headers.get("x-modelplane-rule", ""), exc.code or ""
+                ).inc()
+                raise
+            finally:
+                self._count_findings(trace)
         except ApiError as exc:
-            self.metrics.refusals.labels(
-                exc.headers.get("x-modelplane-rule", ""), exc.code or ""
-            ).inc()
+            self._refused(http, request_id, received, snapshot, routed, trace, exc)
             raise
         decision_s = time.perf_counter() - received
         self.metrics.decision.observe(decision_s)
@@ -244,10 +264,60 @@ class Sidecar:
             decision,
             received,
             decision_s * 1000,
-            _request_id(http),
+            request_id,
             dialect,
         )
         return await self.forwarder.forward(exchange)
+
+    def _count_findings(self, trace: DecisionTrace) -> None:
+        found = trace.found
+        if found is None:
+            return
+        hits = self.metrics.classifier_hits
+        sensitivity = found.sensitivity
+        for label in sensitivity.labels:
+            hits.labels("sensitivity", label.value).inc()
+        if sensitivity.declared:
+            # Declared names were checked against the config's classes: a bounded set.
+            for name in sensitivity.declared.split(","):
+                hits.labels("declared-class", name.strip()).inc()
+        if found.complexity_known:
+            self.metrics.complexity.observe(found.complexity().score)
+
+    def _refused(
+        self,
+        http: web.Request,
+        request_id: str,
+        received: float,
+        snapshot: Snapshot | None,
+        routed: RoutedRequest | None,
+        trace: DecisionTrace,
+        error: ApiError,
+    ) -> None:
+        """Account a request the router answered itself, before any upstream call."""
+        error.headers.setdefault("x-request-id", request_id)
+        known = snapshot is not None and routed is not None and routed.model in snapshot.aliases
+        model = routed.model if known and routed is not None else None
+        rule = trace.route.name if trace.route is not None else ""
+        self.metrics.requests.labels(model or "", "", "", rule, Outcome.REFUSED).inc()
+        if self.audit is None:
+            return
+        self.audit.request(
+            RequestEnd(
+                request_id,
+                Outcome.REFUSED,
+                error.status,
+                http.path,
+                snapshot,
+                model,
+                routed.stream if routed is not None else False,
+                trace,
+                rule or None,
+                error=error.code or "error",
+                duration_s=time.perf_counter() - received,
+                decision_ms=trace.micros / 1000 if trace.micros else None,
+            )
+        )
 
     async def explain(self, http: web.Request) -> web.Response:
         """The routing decision for a request body, with its full trace; calls no model.
@@ -333,15 +403,17 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 def create_app(
-    config: RouterConfig | None, metrics: SidecarMetrics | None = None
+    config: RouterConfig | None,
+    metrics: SidecarMetrics | None = None,
+    audit: AuditTrail | None = None,
 ) -> web.Application:
     """An app serving `config` (None: 503 until one is applied); the holder is reachable as
-    app[HOLDER_KEY] for reloads."""
+    app[HOLDER_KEY] for reloads. With `audit`, every routed request leaves a record there."""
     metrics = metrics or SidecarMetrics()
     holder = ConfigHolder(metrics)
     if config is not None:
         holder.apply(config, "initial")
-    sidecar = Sidecar(holder, metrics)
+    sidecar = Sidecar(holder, metrics, audit)
     app = sidecar.build_app(_HARD_BODY_LIMIT)
     app[HOLDER_KEY] = holder
     app[SIDECAR_KEY] = sidecar
@@ -355,10 +427,18 @@ HOLDER_KEY = web.AppKey("holder", ConfigHolder)
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
 
 
-async def serve_file(path: Path, host: str, port: int, health_port: int | None = None) -> None:
+async def serve_file(
+    path: Path,
+    host: str,
+    port: int,
+    health_port: int | None = None,
+    audit: AuditSettings | None = None,
+) -> None:
     """Run the sidecar from a config file until SIGINT/SIGTERM."""
     config = load_config_file(path)
-    app = create_app(config)
+    metrics = SidecarMetrics()
+    metrics.set_sync_state(SyncState.STANDALONE)
+    app = create_app(config, metrics, open_trail(audit, metrics) if audit else None)
     holder = app[HOLDER_KEY]
     watcher = FileConfigWatcher(path, holder, config.server.watch_interval_seconds)
     await serve_app(

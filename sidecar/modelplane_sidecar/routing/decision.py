@@ -207,10 +207,16 @@ def decide(
     *,
     rng: random.Random = _RANDOM,
     model: Callable[[], ComplexityModel] = default_model,
+    trace: DecisionTrace | None = None,
 ) -> RouteDecision:
-    """Where this request goes; raises ApiError when it may go nowhere (fail closed)."""
+    """Where this request goes; raises ApiError when it may go nowhere (fail closed).
+
+    Pass a `trace` to keep what the steps found even when it raises (the audit record of a
+    refused request needs its classification, rule and removed candidates).
+    """
     started = time.perf_counter()
-    trace = DecisionTrace(request.model)
+    if trace is None:
+        trace = DecisionTrace(request.model)
     try:
         return _run(snapshot, request, trace, rng, model)
     finally:
