@@ -17,6 +17,7 @@ import botocore.session
 import openai
 import orjson
 import pytest
+import yaml
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 from botocore.eventstream import EventStreamBuffer
@@ -24,10 +25,12 @@ from harness import Upstreams, http
 from provider_support import anthropic_client, chain, ep, openai_client, settled
 
 from modelplane_sidecar.config import ConfigError, parse_config
+from modelplane_sidecar.metrics import SidecarMetrics
 from modelplane_sidecar.providers.base import AwsCredentials, FailureKind, UpstreamFailure
 from modelplane_sidecar.providers.eventstream import EventStreamDecoder, encode_message
 from modelplane_sidecar.providers.sigv4 import resolve_credentials, sign
 from modelplane_sidecar.runtime import Snapshot
+from modelplane_sidecar.server import ConfigHolder, FileConfigWatcher
 from modelplane_sidecar.standins.bedrock import BedrockStandIn
 from modelplane_sidecar.standins.openai import Behaviour
 
@@ -408,3 +411,19 @@ def test_standin_rejects_fields_converse_does_not_have(serve: Serve) -> None:
     message = reply.json()["message"]
     assert 'Unknown parameter in input: "maxTokens"' in message
     assert 'Unknown parameter in messages[0].content[0]: "txt"' in message
+
+
+async def test_reload_without_aws_credentials_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    holder = ConfigHolder(SidecarMetrics())
+    holder.apply(parse_config(chain(ep("gpt", "openai", "http://127.0.0.1:1/v1"))), "initial")
+    serving = holder.snapshot
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(chain(_bedrock("br", "http://127.0.0.1:1"))))
+    watcher = FileConfigWatcher(path, holder, interval=60)
+    assert await watcher.reload("test") is False
+    assert holder.snapshot is serving
