@@ -8,6 +8,7 @@ from typing import Any
 
 import anthropic
 import openai
+from harness import chain_config
 
 
 def openai_client(url: str) -> openai.OpenAI:
@@ -19,17 +20,8 @@ def anthropic_client(url: str) -> anthropic.Anthropic:
 
 
 def chain(*endpoints: dict[str, Any], **alias_settings: Any) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "retry": {"maxAttempts": 2, "backoffBaseSeconds": 0.01, "backoffMaxSeconds": 0.05},
-        "circuitBreaker": {"failureThreshold": 50, "openSeconds": 30},
-    }
-    settings.update(alias_settings)
-    return {
-        "apiVersion": "modelplane.io/v1alpha1",
-        "kind": "RouterConfig",
-        "endpoints": list(endpoints),
-        "models": [{"name": "chat", "endpoints": [e["name"] for e in endpoints], **settings}],
-    }
+    """A config whose alias `chat` falls back through `endpoints` in order."""
+    return chain_config(list(endpoints), **alias_settings)
 
 
 def ep(name: str, provider: str, url: str, **extra: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import orjson
 
 from ..config import Endpoint
 from .base import (
+    ChatAdapter,
     Credentials,
     FailureKind,
     Operation,
@@ -90,14 +91,8 @@ _CONTEXT_LENGTH = re.compile(r"prompt is too long|exceed context limit|context w
 _CONTENT_POLICY = re.compile(r"content filtering policy|usage policy", re.I)
 
 
-class AnthropicAdapter:
+class AnthropicAdapter(ChatAdapter):
     name = NAME
-
-    def supports(self, op: Operation) -> bool:
-        return op is Operation.CHAT
-
-    def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
-        return Credentials(api_key)
 
     def build_request(
         self,

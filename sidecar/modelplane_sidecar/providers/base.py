@@ -174,6 +174,16 @@ class Adapter(Protocol):
     ) -> UpstreamFailure: ...
 
 
+class ChatAdapter:
+    """Defaults for adapters of chat-only APIs that authenticate with one key or token."""
+
+    def supports(self, op: Operation) -> bool:
+        return op is Operation.CHAT
+
+    def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
+        return Credentials(api_key)
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
     ms = headers.get("retry-after-ms")

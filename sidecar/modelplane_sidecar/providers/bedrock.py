@@ -28,6 +28,7 @@ from yarl import URL
 
 from ..config import ConfigError, Endpoint
 from .base import (
+    ChatAdapter,
     Credentials,
     FailureKind,
     Operation,
@@ -87,11 +88,8 @@ _CONTEXT_LENGTH = re.compile(
 _THROTTLED = {"ThrottlingException", "ServiceQuotaExceededException", "ModelNotReadyException"}
 
 
-class BedrockAdapter:
+class BedrockAdapter(ChatAdapter):
     name = NAME
-
-    def supports(self, op: Operation) -> bool:
-        return op is Operation.CHAT
 
     def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
         if region_of(endpoint) is None:

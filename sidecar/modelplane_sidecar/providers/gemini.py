@@ -28,6 +28,7 @@ import orjson
 
 from ..config import Endpoint
 from .base import (
+    ChatAdapter,
     Credentials,
     FailureKind,
     Operation,
@@ -97,14 +98,8 @@ _CONTEXT_LENGTH = re.compile(
 _SIGNATURE = "__thought__"
 
 
-class GeminiAdapter:
+class GeminiAdapter(ChatAdapter):
     name = NAME
-
-    def supports(self, op: Operation) -> bool:
-        return op is Operation.CHAT
-
-    def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
-        return Credentials(api_key)
 
     def build_request(
         self,
