@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import yaml
 from cluster import Cluster, CommandFailed
 from injection_helpers import (
     CHART,
@@ -40,6 +42,65 @@ def test_chart_lints_clean(cluster: Cluster) -> None:
     result = cluster.helm("lint", "--strict", str(CHART))
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses duplicate keys (a template bug other parsers hide)."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    keys = [loader.construct_object(key) for key, _ in node.value]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    assert not duplicates, f"duplicate keys {duplicates} at line {node.start_mark.line + 1}"
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def test_every_option_renders_objects_the_apiserver_accepts(
+    cluster: Cluster, namespace: str
+) -> None:
+    rendered = cluster.helm(
+        "template",
+        "full",
+        str(CHART),
+        "-n",
+        namespace,
+        "--set=networkPolicy.enabled=true",
+        "--set=metrics.serviceMonitor.enabled=true",
+        "--set=webhook.failurePolicy=Fail",
+    ).stdout
+    objects = [o for o in yaml.load_all(rendered, Loader=_StrictLoader) if o]
+
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "NetworkPolicy",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+        ]
+    )
+    # No Prometheus Operator here: everything but the ServiceMonitor goes to the apiserver.
+    accepted = [o for o in objects if o["kind"] != "ServiceMonitor"]
+    result = cluster.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(accepted),
+    )
+    assert result.stdout.count("created (server dry run)") == len(accepted)
 
 
 def test_operator_outage_blocks_pods_only_with_failure_policy_fail(
@@ -117,4 +178,4 @@ def test_bad_values_are_refused_with_a_clear_message(cluster: Cluster) -> None:
     assert result.returncode != 0
     assert "webhook.mode=url needs webhook.url" in result.stderr
     result = cluster.helm("template", "x", str(CHART), "--set", "operator.replicas=2", check=False)
-    assert "operator.replicas > 1 needs operator.leaderElection.enabled=true" in result.stderr
+    assert "operator.replicas must be 1: the operator has no leader election yet" in result.stderr

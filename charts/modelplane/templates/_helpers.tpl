@@ -17,12 +17,19 @@
 {{- end -}}
 {{- end -}}
 
-{{- define "modelplane.labels" -}}
+{{/* Labels of every object; "modelplane.labels" adds the operator component. */}}
+{{- define "modelplane.baseLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "modelplane.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "modelplane.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: modelplane
+{{- end -}}
+
+{{- define "modelplane.labels" -}}
+{{ include "modelplane.baseLabels" . }}
+app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "modelplane.selectorLabels" -}}
@@ -102,8 +109,8 @@ app.kubernetes.io/component: operator
 {{- if not (has .Values.webhook.failurePolicy (list "Ignore" "Fail")) -}}
 {{- fail (printf "webhook.failurePolicy must be Ignore or Fail, not %q" .Values.webhook.failurePolicy) -}}
 {{- end -}}
-{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) -}}
-{{- fail "operator.replicas > 1 needs operator.leaderElection.enabled=true" -}}
+{{- if gt (int .Values.operator.replicas) 1 -}}
+{{- fail "operator.replicas must be 1: the operator has no leader election yet, so several replicas would all write status" -}}
 {{- end -}}
 {{- if eq (int .Values.sidecar.port) (int .Values.sidecar.healthPort) -}}
 {{- fail "sidecar.port and sidecar.healthPort must differ" -}}
@@ -118,10 +125,6 @@ app.kubernetes.io/component: operator
 - --log-level={{ .Values.operator.logLevel }}
 {{- range .Values.operator.watchNamespaces }}
 - --namespace={{ . }}
-{{- end }}
-{{- if .Values.operator.leaderElection.enabled }}
-- --leader-election-namespace={{ .Release.Namespace }}
-- --leader-election-lease={{ include "modelplane.fullname" . }}
 {{- end }}
 - --tls-namespace={{ .Release.Namespace }}
 - --tls-secret={{ include "modelplane.tlsSecretName" . }}
