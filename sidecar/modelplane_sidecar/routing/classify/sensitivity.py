@@ -138,53 +138,119 @@ def ssn_valid(area: str, group: str, serial: str) -> bool:
     return area + group + serial not in _SSN_EXAMPLES
 
 
-# Triggers: cheap scans (no look-behind, literal-led) that every match of a detector must pass.
-_DIGIT_RUN = re.compile(r"\d[\d .()/-]{7,}")
-_IBAN_TRIGGER = re.compile(r"[A-Z]{2}\d\d")
-_SSN_TRIGGER = re.compile(r"\d{3}[ -]\d\d[ -]\d{4}")
-_IPV4_TRIGGER = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d")
-_SECRET_TRIGGER = re.compile(
-    r"PRIVATE KEY|A(?:KI|SI|GP|ID|RO)A|gh[pousr]_|github_pat_|glpat-|xox[abposr]-|sk-|AIza"
-    r"|k_live_|eyJ"
+# Long prompts: Python's regex engine tries a pattern at every position, so scanning 50 kB with a
+# dozen patterns would take milliseconds. Instead, fast literal searches (str.find runs in C) and
+# one pass for digit runs locate the few places where a finding could be, and the detectors'
+# patterns run only on windows around those places.
+_DIGIT_SPAN = re.compile(r"\d[\d .()/+-]{5,}\d")
+_WINDOW = 48
+#: Where a token-shaped secret can start; each pattern leads with a literal character, which the
+#: regex engine finds with a fast scan instead of trying every position.
+_SECRET_MARKERS = tuple(
+    re.compile(p)
+    for p in (
+        r"-----BEGIN",
+        r"A(?:KIA|SIA|GPA|IDA|ROA|Iza)",
+        r"g(?:h[pousr]_|ithub_pat_|lpat-)",
+        r"xox[abposr]-",
+        r"k(?:-|_live_)",
+        r"eyJ",
+    )
 )
+#: IPv6 needs two colons with at most four hex digits between them.
+_IPV6_MARKER = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _SECRET_WORDS = ("key", "secret", "token", "passw")
+_SSN_WORDS = ("ssn", "social security")
 
 
-def _has_email(text: str) -> bool:
-    return "@" in text and _EMAIL.search(text) is not None
+def _windows(text: str, spans: list[tuple[int, int]], before: int, after: int) -> str:
+    """The text around each span (overlaps merged), joined by blank lines."""
+    pieces: list[str] = []
+    end_prev = -1
+    start_cur = 0
+    for start, end in spans:
+        lo, hi = max(0, start - before), end + after
+        if lo <= end_prev:
+            end_prev = max(end_prev, hi)
+            continue
+        if end_prev >= 0:
+            pieces.append(text[start_cur:end_prev])
+        start_cur, end_prev = lo, hi
+    if end_prev >= 0:
+        pieces.append(text[start_cur:end_prev])
+    return "\n\n".join(pieces)
 
 
-def _has_phone(text: str) -> bool:
-    if _DIGIT_RUN.search(text) is None:
-        return False
-    for match in _PHONE.finditer(text):
+def _occurrences(text: str, needles: tuple[str, ...], limit: int = 10_000) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for needle in needles:
+        at = text.find(needle)
+        while at >= 0 and len(spans) < limit:
+            spans.append((at, at + len(needle)))
+            at = text.find(needle, at + 1)
+    spans.sort()
+    return spans
+
+
+class _Scan:
+    """One request's text plus the lazily computed places worth a closer look."""
+
+    __slots__ = ("_digits", "_lowered", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._digits: str | None = None
+        self._lowered: str | None = None
+
+    @property
+    def digits(self) -> str:
+        """Windows around each run of 7+ digits and separators (phones, cards, IBANs, SSNs, IPs)."""
+        if self._digits is None:
+            spans = [m.span() for m in _DIGIT_SPAN.finditer(self.text)]
+            self._digits = _windows(self.text, spans, _WINDOW, _WINDOW) if spans else ""
+        return self._digits
+
+    @property
+    def lowered(self) -> str:
+        if self._lowered is None:
+            self._lowered = self.text.lower()
+        return self._lowered
+
+    def around(self, needles: tuple[str, ...], lowered: bool = False, width: int = 120) -> str:
+        spans = _occurrences(self.lowered if lowered else self.text, needles)
+        return _windows(self.text, spans, width, width) if spans else ""
+
+    def around_matches(self, patterns: tuple[re.Pattern[str], ...], width: int) -> str:
+        spans = sorted(m.span() for p in patterns for m in p.finditer(self.text))
+        return _windows(self.text, spans, width, width) if spans else ""
+
+
+def _has_email(scan: _Scan) -> bool:
+    near = scan.around(("@",), width=80)
+    return bool(near) and _EMAIL.search(near) is not None
+
+
+def _has_phone(scan: _Scan) -> bool:
+    for match in _PHONE.finditer(scan.digits):
         digits = sum(c.isdigit() for c in match.group())
         if 8 <= digits <= 15:
             return True
     return False
 
 
-def _has_card(text: str) -> bool:
-    if _DIGIT_RUN.search(text) is None:
-        return False
-    for match in _CARD.finditer(text):
+def _has_card(scan: _Scan) -> bool:
+    for match in _CARD.finditer(scan.digits):
         digits = match.group().replace(" ", "").replace("-", "")
         if 13 <= len(digits) <= 19 and _card_brand_prefix(digits) and luhn_valid(digits):
             return True
     return False
 
 
-def _has_iban(text: str) -> bool:
-    if _IBAN_TRIGGER.search(text) is None:
-        return False
-    return any(iban_valid(m.group()) for m in _IBAN.finditer(text))
+def _has_iban(scan: _Scan) -> bool:
+    return any(iban_valid(m.group()) for m in _IBAN.finditer(scan.digits))
 
 
-def _has_ssn(text: str) -> bool:
-    if _SSN_TRIGGER.search(text) is None:
-        lowered = text.lower()
-        if "ssn" not in lowered and "social security" not in lowered:
-            return False
+def _ssn_in(text: str) -> bool:
     for match in _SSN.finditer(text):
         if match.group(1) is not None:
             area, group, serial = match.group(1), match.group(3), match.group(4)
@@ -195,12 +261,19 @@ def _has_ssn(text: str) -> bool:
     return False
 
 
-def _has_ip(text: str) -> bool:
-    if _IPV4_TRIGGER.search(text) is not None and _IPV4.search(text) is not None:
-        return True
-    if "::" not in text and text.count(":") < 7:
+def _has_ssn(scan: _Scan) -> bool:
+    digits = scan.digits
+    if not digits:
         return False
-    for match in _IPV6.finditer(text):
+    return _ssn_in(digits) or _ssn_in(scan.around(_SSN_WORDS, lowered=True, width=40))
+
+
+def _has_ip(scan: _Scan) -> bool:
+    digits = scan.digits
+    if digits and _IPV4.search(digits) is not None:
+        return True
+    near = scan.around_matches((_IPV6_MARKER,), width=40)
+    for match in _IPV6.finditer(near):
         candidate = match.group()
         if sum(c != ":" for c in candidate) < 2:
             continue
@@ -212,13 +285,14 @@ def _has_ip(text: str) -> bool:
     return False
 
 
-def _has_secret(text: str) -> bool:
-    if _SECRET_TRIGGER.search(text) is not None and _SECRET.search(text) is not None:
+def _has_secret(scan: _Scan) -> bool:
+    near = scan.around_matches(_SECRET_MARKERS, width=300)
+    if near and _SECRET.search(near) is not None:
         return True
-    lowered = text.lower()
+    lowered = scan.lowered
     if not any(word in lowered for word in _SECRET_WORDS):
         return False
-    for match in _SECRET_ASSIGNMENT.finditer(text):
+    for match in _SECRET_ASSIGNMENT.finditer(scan.around(_SECRET_WORDS, lowered=True, width=40)):
         value = match.group(1)
         if _PLACEHOLDER.search(value) is None and len(set(value)) >= 5:
             return True
@@ -226,7 +300,7 @@ def _has_secret(text: str) -> bool:
 
 
 #: (detector, check) in the order findings are reported in.
-DETECTORS: tuple[tuple[Detector, Callable[[str], bool]], ...] = (
+DETECTORS: tuple[tuple[Detector, Callable[[_Scan], bool]], ...] = (
     (Detector.SECRET, _has_secret),
     (Detector.EMAIL, _has_email),
     (Detector.PAYMENT_CARD, _has_card),
@@ -239,10 +313,11 @@ DETECTORS: tuple[tuple[Detector, Callable[[str], bool]], ...] = (
 
 def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Detector]:
     """Labels of every enabled detector with a valid finding in `text`."""
+    scan = _Scan(text)
     return [
         detector
         for detector, check in DETECTORS
-        if (enabled is None or detector in enabled) and check(text)
+        if (enabled is None or detector in enabled) and check(scan)
     ]
 
 
