@@ -52,9 +52,16 @@ class Injection:
     warnings: list[str] = field(default_factory=list)
 
 
+def _escape(part: str | int) -> str:
+    text = str(part)
+    if "~" in text or "/" in text:
+        return text.replace("~", "~0").replace("/", "~1")
+    return text
+
+
 def _pointer(*parts: str | int) -> str:
     """A JSON Pointer (RFC 6901): `~` and `/` inside a part are escaped."""
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+    return "/" + "/".join(map(_escape, parts))
 
 
 def app_environment(spec: SidecarSpec) -> list[dict[str, str]]:
