@@ -154,7 +154,8 @@ class ComplexityModel:
         info: dict[str, Any],
     ) -> None:
         self._tokenizer = tokenizer
-        self._token_scores = token_scores
+        # A plain list: summing a few hundred entries is faster than a numpy gather of them.
+        self._token_scores: list[float] = token_scores.astype(float).tolist()
         self._prior = PRIOR_TOKENS * prior_score
         # Fold standardisation into the weights: w . (x - m) / s = (w / s) . x - (w / s) . m
         folded = struct_weights / struct_scale
@@ -196,7 +197,8 @@ class ComplexityModel:
     def score(self, prompt: str, user_turns: int = 1) -> Complexity:
         text = clip_text(prompt)
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        token_sum = float(self._token_scores[ids].sum()) if ids else 0.0
+        table = self._token_scores
+        token_sum = sum([table[i] for i in ids])
         gain = self._bias + (token_sum + self._prior) / (len(ids) + PRIOR_TOKENS)
         features = structural_features(text, user_turns)
         for weight, value, low, high in zip(
