@@ -237,6 +237,14 @@ def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
             tokens_per_minute=spec.limits.tokens_per_minute,
             max_concurrency=spec.limits.max_concurrency,
         )
+    # Without spec.pricing the sidecar's built-in price table prices well-known models.
+    pricing: dict[str, Any] = {}
+    if "pricing" in res.spec:
+        pricing["pricing"] = rc.Pricing(
+            input_per_mtok=spec.pricing.input_per_m_tok,
+            output_per_mtok=spec.pricing.output_per_m_tok,
+            cached_input_per_mtok=spec.pricing.cached_input_per_m_tok,
+        )
     try:
         compiled = rc.Endpoint(
             name=res.name,
@@ -251,15 +259,11 @@ def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
             ),
             region=spec.region,
             tags=tuple(dict.fromkeys(tags)),
-            pricing=rc.Pricing(
-                input_per_mtok=spec.pricing.input_per_m_tok,
-                output_per_mtok=spec.pricing.output_per_m_tok,
-                cached_input_per_mtok=spec.pricing.cached_input_per_m_tok,
-            ),
             context_window=spec.context_window,
             headers=dict(spec.headers),
             options=dict(spec.options),
             limits=limits,
+            **pricing,
         )
     except ValidationError as exc:
         detail = "; ".join(

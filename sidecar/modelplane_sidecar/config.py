@@ -29,6 +29,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .pricing import builtin_pricing
+
 API_VERSION = "modelplane.io/v1alpha1"
 KIND = "RouterConfig"
 
@@ -202,6 +204,16 @@ class Endpoint(_Model):
     #: Provider-specific settings (e.g. Azure's apiVersion/deployment, Bedrock's region): see
     #: the `*Options` models above. Validated on load and stored with every default filled in.
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_pricing(cls, data: Any) -> Any:
+        # An endpoint that declares no pricing is priced from the built-in table (pricing.py).
+        if isinstance(data, dict) and "pricing" not in data and isinstance(data.get("model"), str):
+            found = builtin_pricing(data["model"])
+            if found is not None:
+                return {**data, "pricing": found}
+        return data
 
     @field_validator("base_url")
     @classmethod
@@ -482,6 +494,30 @@ class BudgetState(_Model):
     mode: BudgetMode = BudgetMode.NORMAL
     #: Name of the budget that set this mode (shown in errors and decision traces).
     budget: str | None = None
+    #: `downgrade`: the highest tier that may serve first (targets of higher tiers move behind);
+    #: None: the route's candidates go cheapest-first by price.
+    tier: Tier | None = None
+
+
+class SpendBudget(_Model):
+    """A Budget the operator tracks over this sidecar's spend (docs/budgets.md).
+
+    With `enforce`, every call to an endpoint in its scope first reserves its worst-case cost from
+    a spend lease the operator granted over the config stream, and settles the actual cost after.
+    `mode` and `tier` are the budget's state when the config was compiled.
+    """
+
+    name: NonEmptyName
+    #: Endpoints whose spend the budget counts (empty: every endpoint).
+    endpoints: tuple[NonEmptyName, ...] = ()
+    enforce: bool = False
+    #: Output tokens forced upstream (max_tokens) when the app sets none and `enforce` is on.
+    max_output_tokens: int = Field(default=4096, ge=1, le=10_000_000)
+    mode: BudgetMode = BudgetMode.NORMAL
+    tier: Tier | None = None
+
+    def covers(self, endpoint: str) -> bool:
+        return not self.endpoints or endpoint in self.endpoints
 
 
 class ModelAlias(_Model):
@@ -539,6 +575,8 @@ class RouterConfig(_Model):
     rules: tuple[Rule, ...] = ()
     sensitivity: SensitivityPolicy = SensitivityPolicy()
     budget: BudgetState = BudgetState()
+    #: Budgets the operator tracks and enforces with spend leases (empty when standalone).
+    budgets: tuple[SpendBudget, ...] = ()
 
     @model_validator(mode="after")
     def _references(self) -> RouterConfig:
@@ -559,6 +597,16 @@ class RouterConfig(_Model):
                 )
             _check_route(f"model {alias.name!r}", alias.strategy, alias.route_targets())
         self._check_rules(known, set(aliases))
+        budgets = [b.name for b in self.budgets]
+        dupes = sorted({n for n in budgets if budgets.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate budget names: {', '.join(dupes)}")
+        for budget in self.budgets:
+            missing = [e for e in budget.endpoints if e not in known]
+            if missing:
+                raise ValueError(
+                    f"budget {budget.name!r} refers to unknown endpoint(s): {', '.join(missing)}"
+                )
         return self
 
     def _check_rules(self, endpoints: set[str], aliases: set[str]) -> None:
