@@ -33,9 +33,16 @@ def install(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         installed.teardown()
 
 
-def labelled_namespace(cluster: Cluster, install: Install) -> str:
+@pytest.fixture
+def labelled(cluster: Cluster, install: Install) -> Iterator[str]:
+    """Installed, the operator running, and a labelled namespace where injection works."""
+    install.helm("install", *install.values())
+    install.start_operator()
     labels = {"modelplane.io/inject": "enabled", RUN_LABEL: install.run_id}
-    return cluster.create_namespace("e2e-chart", labels)
+    namespace = cluster.create_namespace("e2e-chart", labels)
+    install.wait_until_serving(namespace)
+    yield namespace
+    cluster.delete_namespace(namespace)
 
 
 def test_chart_lints_clean(cluster: Cluster) -> None:
@@ -104,12 +111,9 @@ def test_every_option_renders_objects_the_apiserver_accepts(
 
 
 def test_operator_outage_blocks_pods_only_with_failure_policy_fail(
-    cluster: Cluster, install: Install
+    cluster: Cluster, install: Install, labelled: str
 ) -> None:
-    install.helm("install", *install.values())
-    install.start_operator()
-    namespace = labelled_namespace(cluster, install)
-    install.wait_until_serving(namespace)
+    namespace = labelled
     assert install.operator is not None
     install.operator.stop()
 
@@ -125,16 +129,12 @@ def test_operator_outage_blocks_pods_only_with_failure_policy_fail(
     with pytest.raises(CommandFailed) as refused:
         create_pod(cluster, namespace, pod("refused"))
     assert "failed calling webhook" in refused.value.result.stderr
-    cluster.delete_namespace(namespace)
 
 
 def test_upgrade_keeps_injection_working_and_uninstall_removes_the_webhook(
-    cluster: Cluster, install: Install
+    cluster: Cluster, install: Install, labelled: str
 ) -> None:
-    install.helm("install", *install.values())
-    install.start_operator()
-    namespace = labelled_namespace(cluster, install)
-    install.wait_until_serving(namespace)
+    namespace = labelled
     bundle = install.ca_bundle()
 
     install.helm("upgrade", *install.values(**{"sidecar.resources.limits.memory": "384Mi"}))
@@ -170,7 +170,6 @@ def test_upgrade_keeps_injection_working_and_uninstall_removes_the_webhook(
     install.operator.stop()
     created = create_pod(cluster, namespace, pod("after-uninstall"))
     assert sidecars(created) == []
-    cluster.delete_namespace(namespace)
 
 
 def test_bad_values_are_refused_with_a_clear_message(cluster: Cluster) -> None:

@@ -16,9 +16,9 @@ import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from ..kube import KubeError
+from ..kube import KubeClient, KubeError
 from .certs import CertificatePolicy, TLSMaterial, plan_renewal, renew
 
 log = logging.getLogger("modelplane.operator.certs")
@@ -46,19 +46,7 @@ class KeeperSettings:
             raise ValueError(f"check interval must be positive, not {self.check_interval}")
 
 
-class KubeRequests(Protocol):
-    """The one method of `kube.KubeClient` the keeper uses (raises `KubeError` on >= 400)."""
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: object | None = None,
-        content_type: str = "application/json",
-    ) -> Any: ...
-
-
-async def _get(api: KubeRequests, path: str) -> dict[str, Any] | None:
+async def _get(api: KubeClient, path: str) -> dict[str, Any] | None:
     try:
         found: dict[str, Any] = await api.request("GET", path)
     except KubeError as error:
@@ -94,7 +82,7 @@ class CertificateKeeper:
 
     def __init__(
         self,
-        api: KubeRequests,
+        api: KubeClient,
         settings: KeeperSettings,
         on_change: Callable[[TLSMaterial], None] | None = None,
         clock: Callable[[], datetime.datetime] = _now,

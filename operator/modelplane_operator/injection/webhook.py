@@ -34,9 +34,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from ..kube import KubeClient
 from .admission import BadReview, review_pod
 from .certs import TLSMaterial
-from .keeper import CertificateKeeper, KeeperSettings, KubeRequests
+from .keeper import CertificateKeeper, KeeperSettings
 from .settings import InjectionSettings
 
 log = logging.getLogger("modelplane.operator.injection")
@@ -170,7 +171,7 @@ class ManagedTLS:
 
     @classmethod
     async def start(
-        cls, settings: KeeperSettings, api: KubeRequests, cert_dir: Path | None = None
+        cls, settings: KeeperSettings, api: KubeClient, cert_dir: Path | None = None
     ) -> ManagedTLS:
         """Read or create the certificates (raises if that fails), then check periodically."""
         cleanup = contextlib.ExitStack()
@@ -242,7 +243,7 @@ class RunningWebhook:
 async def serve_injection_webhook(
     injection: InjectionSettings,
     server: WebhookServerSettings,
-    api: KubeRequests,
+    api: KubeClient,
     tls: ManagedTLS | None = None,
     metrics: InjectionMetrics | None = None,
 ) -> RunningWebhook:
