@@ -78,17 +78,23 @@ def _removed_list(removed: list[Removal]) -> str:
     return "; ".join(f"{r.endpoint}: {r.reason}" for r in removed)
 
 
+def refusal(ctx: RouteContext, status: int, code: str, message: str, **kwargs: Any) -> ApiError:
+    """An error answered before any upstream call; it names the rule in a header too."""
+    headers = {"x-modelplane-rule": ctx.route.name, **kwargs.pop("headers", {})}
+    return ApiError(status, message, code=code, headers=headers, **kwargs)
+
+
 class _UnavailableRefusal:
     """Default refusal: nothing left to try right now (503, the app may retry later)."""
 
     def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
-        return ApiError(
+        return refusal(
+            ctx,
             503,
+            "no_endpoint_available",
             f"No endpoint of model {ctx.model!r} could be tried under rule {ctx.route.name!r}: "
             f"{_removed_list(removed)}",
             type="upstream_error",
-            code="no_endpoint_available",
-            headers={"x-modelplane-rule": ctx.route.name},
         )
 
 
@@ -102,12 +108,12 @@ class OperationSupported(_UnavailableRefusal):
         return f"provider {endpoint.config.provider} has no {ctx.op} API"
 
     def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
-        return ApiError(
+        return refusal(
+            ctx,
             400,
+            "unsupported_operation",
             f"Model {ctx.model!r} (rule {ctx.route.name!r}) cannot serve {ctx.op} requests: "
             f"{_removed_list(removed)}",
-            code="unsupported_operation",
-            headers={"x-modelplane-rule": ctx.route.name},
         )
 
 
@@ -138,14 +144,13 @@ class Compliance:
         if sensitivity.declared:
             why.append(f"declared: {sensitivity.declared}")
         because = f" ({'; '.join(why)})" if why else ""
-        return ApiError(
+        return refusal(
+            ctx,
             403,
+            "no_compliant_endpoint",
             f"Rule {ctx.route.name!r} has no endpoint allowed to receive this request's data: "
             f"class {classes}{because}. Not sent anywhere. Endpoints refused: "
             f"{_removed_list(removed)}",
-            type="invalid_request_error",
-            code="no_compliant_endpoint",
-            headers={"x-modelplane-rule": ctx.route.name},
         )
 
 
@@ -175,13 +180,13 @@ class ContextWindow:
         return f"needs about {needed} tokens, context window is {window}"
 
     def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
-        return ApiError(
+        return refusal(
+            ctx,
             400,
+            "context_length_exceeded",
             f"This request needs about {ctx.found.size.context_tokens} tokens (prompt plus "
             f"max_tokens), more than any endpoint of rule {ctx.route.name!r} can take: "
             f"{_removed_list(removed)}",
-            code="context_length_exceeded",
-            headers={"x-modelplane-rule": ctx.route.name},
         )
 
 
@@ -210,13 +215,14 @@ class WithinLimits:
         return None
 
     def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
-        return ApiError(
+        return refusal(
+            ctx,
             429,
+            "rate_limit_exceeded",
             f"Every endpoint of rule {ctx.route.name!r} is at its configured limit: "
             f"{_removed_list(removed)}",
             type="requests",
-            code="rate_limit_exceeded",
-            headers={"x-modelplane-rule": ctx.route.name, "retry-after": "1"},
+            headers={"retry-after": "1"},
         )
 
 

@@ -11,8 +11,7 @@ import hashlib
 from typing import Protocol
 
 from ..config import BudgetMode, Strategy, Tier
-from ..errors import ApiError
-from .filters import Candidate, RouteContext
+from .filters import Candidate, RouteContext, refusal
 
 _TIER_RANK = {Tier.CHEAP: 0, Tier.STANDARD: 1, Tier.PREMIUM: 2}
 
@@ -191,13 +190,13 @@ def apply_budget(candidates: list[Candidate], ctx: RouteContext) -> tuple[list[C
         return candidates, ""
     name = repr(budget.budget) if budget.budget else "(unnamed)"
     if budget.mode is BudgetMode.STOP:
-        raise ApiError(
+        raise refusal(
+            ctx,
             429,
+            "budget_exhausted",
             f"Budget {name} is exhausted for this period; requests are refused until it resets "
             f"(rule {ctx.route.name!r})",
             type="insufficient_quota",
-            code="budget_exhausted",
-            headers={"x-modelplane-rule": ctx.route.name},
         )
     if not ctx.route.options.budget_downgrade:
         return candidates, f"budget {name} in downgrade mode; this route opts out"
