@@ -113,7 +113,7 @@ def _allowed(tags: tuple[str, ...], classes: set[str]) -> bool:
 
 
 @settings(
-    max_examples=60,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -121,7 +121,14 @@ def _allowed(tags: tuple[str, ...], classes: set[str]) -> bool:
     tags=st.fixed_dictionaries({n: st.sampled_from(TAG_SETS) for n in NAMES}),
     chain=st.permutations(NAMES).flatmap(lambda p: st.integers(1, 4).map(lambda k: list(p[:k]))),
     strategy=st.sampled_from(
-        ["priority", "weighted", "lowest-latency", "lowest-cost", "least-loaded"]
+        [
+            "priority",
+            "weighted",
+            "lowest-latency",
+            "lowest-cost",
+            "least-loaded",
+            "complexity-tiers",
+        ]
     ),
     attempts=st.integers(1, 3),
     threshold=st.integers(1, 3),
