@@ -183,6 +183,55 @@ class EndpointLimits(_Model):
     max_concurrency: int | None = Field(default=None, gt=0)
 
 
+class Engine(StrEnum):
+    """Model servers whose Prometheus load metrics the sidecar reads (pool/engines.py)."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TGI = "tgi"
+    LLAMACPP = "llamacpp"
+
+
+class LoadSource(StrEnum):
+    """Who reads a self-hosted endpoint's load metrics (docs/self-hosted.md)."""
+
+    #: This sidecar scrapes each replica itself (standalone mode).
+    SCRAPE = "scrape"
+    #: The operator scrapes each replica once and pushes snapshots over the config stream.
+    PUSH = "push"
+    #: No engine metrics: replicas are balanced by this sidecar's outstanding requests only.
+    OFF = "off"
+
+
+class LoadMetrics(_Model):
+    """How the load of a self-hosted endpoint's replicas is read."""
+
+    source: LoadSource = LoadSource.SCRAPE
+    #: Path of the Prometheus endpoint on each replica (same host and port as the API).
+    path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9._~/-]*$")
+    #: Seconds between two scrapes of one replica (each tick is jittered by up to 20 %).
+    scrape_interval_seconds: float = Field(default=2.0, ge=0.2, le=300)
+    #: A snapshot older than this is ignored; the replica is then scored by outstanding requests.
+    max_age_seconds: float = Field(default=10.0, gt=0, le=3600)
+
+
+class Replica(_Model):
+    """One serving instance of a self-hosted endpoint (e.g. a ready EndpointSlice address)."""
+
+    #: Base URL of this replica's API, e.g. http://10.0.3.7:8000/v1.
+    url: str = Field(min_length=1)
+    #: Not-ready replicas are kept in the config (to say "0 of 3 ready") but never called.
+    ready: bool = True
+    zone: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"replica url must start with http:// or https:// (got {v!r})")
+        return v.rstrip("/")
+
+
 class Endpoint(_Model):
     """One callable model at one provider."""
 
@@ -204,6 +253,12 @@ class Endpoint(_Model):
     #: Provider-specific settings (e.g. Azure's apiVersion/deployment, Bedrock's region): see
     #: the `*Options` models above. Validated on load and stored with every default filled in.
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    #: A self-hosted model server; its replicas are balanced by load (docs/self-hosted.md).
+    engine: Engine | None = None
+    #: The replicas to balance across (None: call `baseUrl`). With a list, `baseUrl` is only a
+    #: label, and an endpoint with no ready replica is skipped by routing.
+    replicas: tuple[Replica, ...] | None = None
+    load_metrics: LoadMetrics = LoadMetrics()
 
     @model_validator(mode="before")
     @classmethod
@@ -411,6 +466,31 @@ class RuleMatch(_Model):
         return {k.lower(): vals for k, vals in v.items()}
 
 
+class Overflow(_Model):
+    """Self-hosted first: spill to `targets` only while the route's own endpoints are saturated.
+
+    Requests in a never-spill data class stay on the route's endpoints: they wait up to
+    `sensitiveWaitSeconds` for capacity, then fail with a 503 that names the rule.
+    """
+
+    #: Endpoints that take the spill (e.g. a cloud model), in order.
+    targets: tuple[Target, ...] = Field(min_length=1)
+    #: Saturated when even the least-loaded ready replica has more requests queued than this.
+    max_queue_depth: float | None = Field(default=None, ge=0)
+    #: Saturated when the predicted wait for a slot on the least-loaded replica is longer.
+    max_predicted_wait_seconds: float | None = Field(default=None, gt=0, le=3600)
+    #: Data classes that never spill (None: every class with `allowedTags`).
+    never_spill: tuple[NonEmptyName, ...] | None = None
+    #: How long a never-spill request waits for self-hosted capacity before the 503.
+    sensitive_wait_seconds: float = Field(default=5.0, ge=0, le=300)
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> Overflow:
+        if self.max_queue_depth is None and self.max_predicted_wait_seconds is None:
+            raise ValueError("overflow needs maxQueueDepth or maxPredictedWaitSeconds")
+        return self
+
+
 class Rule(_Model):
     """An ordered routing rule: the first whose match holds chooses the targets and strategy."""
 
@@ -420,6 +500,7 @@ class Rule(_Model):
     strategy: Strategy = Strategy.PRIORITY
     targets: tuple[Target, ...] = Field(min_length=1)
     options: StrategyOptions = StrategyOptions()
+    overflow: Overflow | None = None
 
 
 class DataClass(_Model):
@@ -536,6 +617,7 @@ class ModelAlias(_Model):
     timeout: TimeoutPolicy = TimeoutPolicy()
     circuit_breaker: CircuitBreakerPolicy = CircuitBreakerPolicy()
     description: str | None = None
+    overflow: Overflow | None = None
 
     @model_validator(mode="after")
     def _one_route(self) -> ModelAlias:
@@ -596,6 +678,13 @@ class RouterConfig(_Model):
                     f"model {alias.name!r} refers to unknown endpoint(s): {', '.join(missing)}"
                 )
             _check_route(f"model {alias.name!r}", alias.strategy, alias.route_targets())
+            _check_overflow(
+                f"model {alias.name!r}",
+                alias.overflow,
+                alias.route_targets(),
+                known,
+                {c.name for c in self.sensitivity.classes},
+            )
         self._check_rules(known, set(aliases))
         budgets = [b.name for b in self.budgets]
         dupes = sorted({n for n in budgets if budgets.count(n) > 1})
@@ -627,6 +716,7 @@ class RouterConfig(_Model):
             if unknown:
                 raise ValueError(f"{where} matches unknown data class(es): {', '.join(unknown)}")
             _check_route(where, rule.strategy, rule.targets)
+            _check_overflow(where, rule.overflow, rule.targets, endpoints, classes)
 
     def endpoint(self, name: str) -> Endpoint:
         for e in self.endpoints:
@@ -661,6 +751,32 @@ def _check_route(where: str, strategy: Strategy, targets: tuple[Target, ...]) ->
                 f"{where}: strategy complexity-tiers needs a tier on every target "
                 f"(missing on {', '.join(untiered)})"
             )
+
+
+def _check_overflow(
+    where: str,
+    overflow: Overflow | None,
+    targets: tuple[Target, ...],
+    known: set[str],
+    classes: set[str],
+) -> None:
+    if overflow is None:
+        return
+    unknown = [c for c in overflow.never_spill or () if c not in classes]
+    if unknown:
+        raise ValueError(
+            f"{where}: overflow.neverSpill names unknown class(es): {', '.join(unknown)}"
+        )
+    names = [t.endpoint for t in overflow.targets]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"{where}: overflow refers to unknown endpoint(s): {', '.join(missing)}")
+    both = sorted(set(names) & {t.endpoint for t in targets})
+    if both:
+        raise ValueError(f"{where}: overflow targets are also route targets: {', '.join(both)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: overflow lists endpoint(s) more than once: {', '.join(dupes)}")
 
 
 def _format_validation_error(exc: ValidationError) -> str:
