@@ -14,6 +14,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 import yaml
@@ -491,6 +492,111 @@ class Overflow(_Model):
         return self
 
 
+# -- strategy lanes: response cache and batch lane (docs/cache-and-lanes.md) --------------------
+
+
+class CachePolicy(_Model):
+    """Whether and how a route's answers are cached (on a model alias, or a rule to override).
+
+    Only requests that are deterministic enough are cached unless `deterministicOnly` is off: a
+    temperature of 0, an embeddings call, or an app that opts in with
+    `x-modelplane-cache-control: allow`. Requests classified sensitive are never cached.
+    """
+
+    enabled: bool = False
+    #: How long an answer is served from the cache.
+    ttl_seconds: float = Field(default=300.0, gt=0, le=30 * 86400)
+    #: Cache only temperature-0 (and embeddings) requests, or those that opt in by header.
+    deterministic_only: bool = True
+    #: When every candidate fails (or none can be tried), answer with the last cached response,
+    #: marked `x-modelplane-cache: stale`, instead of an error.
+    stale_on_error: bool = False
+    #: How long past its TTL an answer is kept for `staleOnError`.
+    stale_seconds: float = Field(default=86400.0, ge=0, le=30 * 86400)
+    #: Larger answers are not cached.
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=256, le=64 * 1024 * 1024)
+
+
+class RedisCache(_Model):
+    """A Redis server that replicas of an app share cache entries through.
+
+    An outage degrades to the local store: a failed or slow call opens a breaker for
+    `retrySeconds`, during which Redis is not asked at all; requests never fail because of it.
+    """
+
+    #: `redis://host:port/db` or `rediss://...` (no password in the URL: use `password`).
+    url: str = Field(min_length=1)
+    password: ApiKeySource | None = None
+    key_prefix: str = Field(default="modelplane:cache:", max_length=128)
+    #: Per call; a lookup slower than this counts as a miss (and a Redis failure).
+    timeout_seconds: float = Field(default=0.1, gt=0, le=10)
+    retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"redis url must look like redis://host:port/db (got {v!r})")
+        if parts.password:
+            raise ValueError("redis url must not hold a password; set cache.redis.password")
+        return v
+
+
+class CacheStore(_Model):
+    """The sidecar's response store, shared by every route that enables caching."""
+
+    #: Size bound of the in-process store (least recently used entries go first).
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=16 * 1024 * 1024 * 1024)
+    max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    redis: RedisCache | None = None
+
+
+class LaneName(StrEnum):
+    """Strategy lanes: real-time traffic, and batch traffic that never takes its capacity."""
+
+    REALTIME = "realtime"
+    BATCH = "batch"
+
+
+class LaneSettings(_Model):
+    """Admission of one lane: how many of its requests run at once, how many may wait."""
+
+    #: Requests of this lane forwarded at once by this sidecar (None: no limit).
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    #: Requests that may wait for a slot; one more is refused with 429 `lane_queue_full`.
+    max_queue: int = Field(default=0, ge=0, le=100_000)
+    #: A request that waited this long is refused with 503 `lane_wait_timeout`.
+    max_wait_seconds: float = Field(default=30.0, gt=0, le=86400)
+
+
+class BatchLaneSettings(LaneSettings):
+    max_concurrency: int | None = Field(default=4, ge=1, le=100_000)
+    max_queue: int = Field(default=256, ge=0, le=100_000)
+    max_wait_seconds: float = Field(default=300.0, gt=0, le=86400)
+    #: Share of an endpoint's `limits.maxConcurrency` that batch requests may start into: a batch
+    #: request waits until the endpoint has fewer requests in flight than this share, so the rest
+    #: stays free for real-time traffic.
+    endpoint_share: float = Field(default=0.5, gt=0, le=1)
+    #: Order a batch request's allowed candidates cheapest first (else: the route's strategy).
+    cheapest_first: bool = True
+    #: Endpoint that OpenAI's Batch API (`/v1/files`, `/v1/batches`) is passed through to.
+    batch_api_endpoint: NonEmptyName | None = None
+
+
+class Lanes(_Model):
+    #: Request header that puts a request in a lane (`realtime` or `batch`); a rule or model
+    #: alias with a `lane` decides instead.
+    header: str = "x-modelplane-priority"
+    realtime: LaneSettings = LaneSettings()
+    batch: BatchLaneSettings = BatchLaneSettings()
+
+    @field_validator("header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+
 class Rule(_Model):
     """An ordered routing rule: the first whose match holds chooses the targets and strategy."""
 
@@ -501,6 +607,10 @@ class Rule(_Model):
     targets: tuple[Target, ...] = Field(min_length=1)
     options: StrategyOptions = StrategyOptions()
     overflow: Overflow | None = None
+    #: Overrides the requested alias's cache policy for matching requests.
+    cache: CachePolicy | None = None
+    #: Puts matching requests in a lane (None: the alias's lane, else the request header's).
+    lane: LaneName | None = None
 
 
 class DataClass(_Model):
@@ -618,6 +728,8 @@ class ModelAlias(_Model):
     circuit_breaker: CircuitBreakerPolicy = CircuitBreakerPolicy()
     description: str | None = None
     overflow: Overflow | None = None
+    cache: CachePolicy = CachePolicy()
+    lane: LaneName | None = None
 
     @model_validator(mode="after")
     def _one_route(self) -> ModelAlias:
@@ -659,6 +771,9 @@ class RouterConfig(_Model):
     budget: BudgetState = BudgetState()
     #: Budgets the operator tracks and enforces with spend leases (empty when standalone).
     budgets: tuple[SpendBudget, ...] = ()
+    #: The response store (routes enable caching with their own `cache` policy).
+    cache: CacheStore = CacheStore()
+    lanes: Lanes = Lanes()
 
     @model_validator(mode="after")
     def _references(self) -> RouterConfig:
@@ -686,6 +801,7 @@ class RouterConfig(_Model):
                 {c.name for c in self.sensitivity.classes},
             )
         self._check_rules(known, set(aliases))
+        self._check_batch_api()
         budgets = [b.name for b in self.budgets]
         dupes = sorted({n for n in budgets if budgets.count(n) > 1})
         if dupes:
@@ -718,6 +834,19 @@ class RouterConfig(_Model):
             _check_route(where, rule.strategy, rule.targets)
             _check_overflow(where, rule.overflow, rule.targets, endpoints, classes)
 
+    def _check_batch_api(self) -> None:
+        name = self.lanes.batch.batch_api_endpoint
+        if name is None:
+            return
+        found = next((e for e in self.endpoints if e.name == name), None)
+        if found is None:
+            raise ValueError(f"lanes.batch.batchApiEndpoint refers to unknown endpoint {name!r}")
+        if found.provider not in (Provider.OPENAI, Provider.OPENAI_COMPATIBLE):
+            raise ValueError(
+                f"lanes.batch.batchApiEndpoint {name!r} has provider {found.provider.value}; "
+                "the Batch API pass-through needs an openai or openai-compatible endpoint"
+            )
+
     def endpoint(self, name: str) -> Endpoint:
         for e in self.endpoints:
             if e.name == name:
@@ -731,6 +860,10 @@ class RouterConfig(_Model):
             if ep.api_key is not None and ep.api_key.value is not None:
                 secret = ep.api_key.value.get_secret_value().encode()
                 raw["apiKey"]["value"] = hashlib.sha256(secret).hexdigest()
+        redis = self.cache.redis
+        if redis is not None and redis.password is not None and redis.password.value is not None:
+            secret = redis.password.value.get_secret_value().encode()
+            data["cache"]["redis"]["password"]["value"] = hashlib.sha256(secret).hexdigest()
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
     def version(self) -> str:
@@ -803,6 +936,12 @@ def parse_config(data: object, source: str = "config") -> RouterConfig:
                 ep.api_key.resolve()
             except ConfigError as exc:
                 raise ConfigError(f"{source}: endpoint {ep.name!r}: {exc}") from None
+    redis = config.cache.redis
+    if redis is not None and redis.password is not None:
+        try:
+            redis.password.resolve()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: cache.redis.password: {exc}") from None
     return config
 
 
