@@ -22,6 +22,8 @@ from pydantic import SecretStr, ValidationError
 
 from modelplane_sidecar import config as rc
 
+from .budget.ledger import Terms, mode_for, reached
+from .budget.period import PeriodError, zone
 from .crd_models import (
     BUDGET,
     MODEL_ENDPOINT,
@@ -92,6 +94,8 @@ class NamespaceInputs:
     budgets: Sequence[Resource] = ()
     #: Secret name -> key -> decoded value, for the Secrets the endpoints reference.
     secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: Budget name -> settled spend this period from the operator's books (else: its status).
+    spent: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,21 +112,27 @@ class Verdict:
 
 @dataclass(frozen=True)
 class CompiledBudget:
-    """A validated Budget, ready for the spend tracker (enforcement lives outside compile)."""
+    """A validated Budget: its terms for the ledger and what the sidecars get of it."""
 
     name: str
     spec: BudgetSpec
     #: RouterConfig endpoint names the budget counts; empty means every endpoint.
     endpoints: tuple[str, ...]
-    #: Spend in the current period as the Budget's status reports it (None: not measured yet).
+    #: Settled spend in the current period (None: nothing measured yet).
     spent_usd: float | None = None
+    #: Whether any endpoint at all is in its scope (a scope matching nothing counts nothing).
+    scoped: bool = False
+
+    @property
+    def terms(self) -> Terms:
+        return Terms.from_spec(self.spec)
 
     def reached_actions(self) -> list[BudgetAction]:
-        """Actions of the thresholds the reported spend has passed."""
-        if self.spent_usd is None:
-            return []
-        percent = 100.0 * self.spent_usd / self.spec.limit_usd
-        return [t.action for t in self.spec.thresholds if percent >= t.percent]
+        """Actions of the thresholds the spend has passed."""
+        return [t.action for t in reached(self.terms, self.spent_usd or 0.0)]
+
+    def mode(self) -> tuple[rc.BudgetMode, rc.Tier | None]:
+        return mode_for(self.terms, self.spent_usd or 0.0)
 
 
 @dataclass(frozen=True)
@@ -524,11 +534,16 @@ def _compile_budget(
     res: Resource,
     endpoints: Mapping[str, _Endpoint],
     policies: Mapping[str, _PolicyResult | None],
+    spent: Mapping[str, float],
 ) -> tuple[Verdict, CompiledBudget | None]:
     try:
         spec = BudgetSpec.model_validate(res.spec)
     except ValidationError as exc:
         return Verdict(False, INVALID_SPEC, _spec_error(BUDGET.kind, exc), res.generation), None
+    try:
+        zone(spec.timezone)
+    except PeriodError as exc:
+        return Verdict(False, INVALID_SPEC, f"spec.timezone: {exc}", res.generation), None
     errors = []
     for name in spec.scope.policies:
         if name not in policies:
@@ -543,37 +558,50 @@ def _compile_budget(
         result = policies.get(name)
         if result is not None:
             counted.update(result.used_endpoints)
-    scoped = bool(spec.scope.endpoints or spec.scope.policies)
-    spent = res.status.get("spentUSD")
+    if spec.scope.tags:
+        wanted = set(spec.scope.tags)
+        counted.update(name for name, ep in endpoints.items() if wanted & ep.tags)
+    scoped = bool(spec.scope.endpoints or spec.scope.policies or spec.scope.tags)
+    measured = spent.get(res.name)
+    if measured is None:
+        from_status = res.status.get("spentUSD")
+        measured = float(from_status) if isinstance(from_status, int | float) else None
     compiled = CompiledBudget(
         res.name,
         spec,
         tuple(sorted(counted)) if scoped else (),
-        float(spent) if isinstance(spent, int | float) else None,
+        measured,
+        scoped,
     )
-    message = "spend is not tracked by this version yet; thresholds act on status.spentUSD"
-    if scoped:
-        message += "; downgrade and hard-stop apply to the whole namespace, not only the scope"
+    terms = compiled.terms
+    if terms.enforced:
+        message = f"enforced with spend leases up to ${terms.cap:g} per {spec.period.value} period"
+    else:
+        message = "tracked (no block threshold, so spend is never refused)"
+    if scoped and not counted:
+        message += "; its scope matches no endpoint"
     return Verdict(True, COMPILED, message, res.generation), compiled
 
 
-_SEVERITY = {BudgetAction.ALERT: 0, BudgetAction.DOWNGRADE: 1, BudgetAction.HARD_STOP: 2}
-
-
-def _budget_state(budgets: Sequence[CompiledBudget]) -> rc.BudgetState:
-    """The namespace's budget mode: the strongest action of any threshold already passed."""
-    mode, by = rc.BudgetMode.NORMAL, None
-    strongest = 0
+def _spend_budgets(budgets: Sequence[CompiledBudget], used: set[str]) -> tuple[rc.SpendBudget, ...]:
+    """What the sidecars get of each budget: scope (shipped endpoints only), enforcement, mode."""
+    out = []
     for budget in budgets:
-        for action in budget.reached_actions():
-            if action is BudgetAction.ALERT or _SEVERITY[action] <= strongest:
-                continue
-            strongest = _SEVERITY[action]
-            mode = (
-                rc.BudgetMode.STOP if action is BudgetAction.HARD_STOP else rc.BudgetMode.DOWNGRADE
+        endpoints = tuple(e for e in budget.endpoints if e in used)
+        if budget.scoped and not endpoints:
+            continue  # nothing it counts is shipped; an empty list would mean "everything"
+        mode, tier = budget.mode()
+        out.append(
+            rc.SpendBudget(
+                name=budget.name,
+                endpoints=endpoints,
+                enforce=budget.terms.enforced,
+                max_output_tokens=budget.spec.max_output_tokens,
+                mode=mode,
+                tier=tier,
             )
-            by = budget.name
-    return rc.BudgetState(mode=mode, budget=by)
+        )
+    return tuple(out)
 
 
 # --- The namespace ---------------------------------------------------------------------------
@@ -636,7 +664,7 @@ def compile_namespace(inputs: NamespaceInputs) -> CompiledNamespace:
 
     budgets: list[CompiledBudget] = []
     for res in sorted(inputs.budgets, key=lambda r: r.name):
-        verdict, compiled_budget = _compile_budget(res, endpoints, policy_results)
+        verdict, compiled_budget = _compile_budget(res, endpoints, policy_results, inputs.spent)
         verdicts[(BUDGET.kind, res.name)] = verdict
         if compiled_budget is not None:
             budgets.append(compiled_budget)
@@ -668,7 +696,7 @@ def _assemble(
             models=tuple(aliases),
             rules=tuple(rules),
             sensitivity=ns.sensitivity,
-            budget=_budget_state(budgets),
+            budgets=_spend_budgets(budgets, used),
         )
     except ValidationError as exc:
         # The per-object checks above should make this unreachable; if they miss a case, say so

@@ -406,28 +406,42 @@ class RoutingPolicySpec(_Spec):
 
 class BudgetPeriod(StrEnum):
     DAILY = "daily"
+    WEEKLY = "weekly"
     MONTHLY = "monthly"
 
 
 class BudgetAction(StrEnum):
     ALERT = "alert"
     DOWNGRADE = "downgrade"
+    BLOCK = "block"
+    #: The earlier name of `block`; still accepted.
     HARD_STOP = "hard-stop"
 
 
 class BudgetThreshold(_Spec):
+    model_config = _cel(
+        ("!has(self.tier) || self.action == 'downgrade'", "tier is only for action downgrade"),
+    )
+
     percent: int = Field(ge=1, le=100)
     """Share of the limit spent at which the action starts."""
     action: BudgetAction
-    """alert: a Warning event; downgrade: routes try their cheapest endpoints first;
-    hard-stop: requests are refused with 429 until the period rolls over."""
+    """alert: a Warning Event, the ThresholdReached condition and a metric; downgrade: routes
+    serve from a cheaper tier; block: requests are refused with 429 until the period rolls over
+    (spend leases make sure the fleet never spends past it)."""
+    tier: Tier | None = None
+    """downgrade: the highest tier that serves first from here on (a ladder such as premium ->
+    standard at 70% and standard -> cheap at 90%); unset: the cheapest endpoints first."""
 
 
 class BudgetScope(_Spec):
-    """What the spend counts (empty lists: everything in the namespace)."""
+    """What the spend counts (all lists empty: everything in the namespace)."""
 
     policies: list[ObjectName] = Field(default_factory=list, max_length=64)
+    """Endpoints the models and rules of these RoutingPolicies route to."""
     endpoints: list[ObjectName] = Field(default_factory=list, max_length=64)
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    """Endpoints with any of these tags (compliance tags, residency:<zone>)."""
 
 
 class BudgetSpec(_Spec):
@@ -437,6 +451,11 @@ class BudgetSpec(_Spec):
     thresholds: list[BudgetThreshold] = Field(default_factory=list, max_length=16)
     timezone: str = Field(default="UTC", max_length=64)
     """IANA time zone in which periods start."""
+    max_output_tokens: int = Field(default=4096, ge=1, le=10_000_000)
+    """With a block threshold: the max_tokens sent upstream when the app sets none, so that a
+    request's worst-case cost is known before it is sent."""
+    lease_usd: float | None = Field(default=None, gt=0, alias="leaseUSD")
+    """Largest spend lease one sidecar holds at a time (default: 2% of the blocking limit)."""
 
 
 # --- Status ------------------------------------------------------------------------------------
@@ -483,12 +502,43 @@ class ResourceStatus(_Spec):
     )
 
 
+class EndpointSpend(_Spec):
+    name: str = Field(max_length=253)
+    spent_usd: float = Field(default=0.0, alias="spentUSD")
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    requests: int = 0
+
+
+class SpendLease(_Spec):
+    """One sidecar's lease: cumulative amounts in this period (written before a grant is sent)."""
+
+    holder: str = Field(max_length=128)
+    """The sidecar process (pod name and a per-process id)."""
+    granted_usd: float = Field(default=0.0, alias="grantedUSD")
+    settled_usd: float = Field(default=0.0, alias="settledUSD")
+    returned_usd: float = Field(default=0.0, alias="returnedUSD")
+    connected: bool = False
+    endpoints: list[EndpointSpend] = Field(default_factory=list, max_length=256)
+
+
 class BudgetStatus(ResourceStatus):
     spent_usd: float | None = Field(default=None, alias="spentUSD")
+    """Settled spend of the current period that sidecars reported."""
+    leased_usd: float | None = Field(default=None, alias="leasedUSD")
+    """Granted to sidecars and not yet settled or returned: counted as spent until it is."""
     remaining_usd: float | None = Field(default=None, alias="remainingUSD")
+    """limitUSD - spentUSD - leasedUSD."""
     period_start: str | None = Field(default=None, json_schema_extra=_DATE_TIME)
+    period_end: str | None = Field(default=None, json_schema_extra=_DATE_TIME)
     thresholds_reached: list[int] = Field(default_factory=list, max_length=16)
     """Percent thresholds passed in the current period."""
+    mode: str | None = Field(default=None, max_length=32)
+    """normal, downgrade or block: what the budget makes the sidecars do now."""
+    endpoints: list[EndpointSpend] = Field(default_factory=list, max_length=256)
+    """Spend and tokens per endpoint in the current period."""
+    leases: list[SpendLease] = Field(default_factory=list, max_length=4096)
 
 
 # --- The kinds ---------------------------------------------------------------------------------
@@ -566,6 +616,8 @@ BUDGET = Kind(
         PrinterColumn("Period", ".spec.period"),
         PrinterColumn("Limit", ".spec.limitUSD", "number"),
         PrinterColumn("Spent", ".status.spentUSD", "number"),
+        PrinterColumn("Remaining", ".status.remainingUSD", "number"),
+        PrinterColumn("Mode", ".status.mode"),
         _READY,
         _REASON,
         _AGE,

@@ -586,7 +586,7 @@ def test_budgets_validate_their_references() -> None:
             "broken",
             {"period": "daily", "limitUSD": 5, "scope": {"endpoints": ["ghost"]}},
         ),
-        Resource("invalid", {"period": "weekly", "limitUSD": 0}),
+        Resource("invalid", {"period": "yearly", "limitUSD": 0}),
     ]
     result = compile_([endpoint("gpt")], [policy("p", route("chat", "gpt"))], budgets)
 
@@ -602,16 +602,23 @@ def test_budgets_validate_their_references() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spent", "mode", "by"),
-    [(None, "normal", None), (10, "normal", None), (85, "downgrade", "b"), (100, "stop", "b")],
+    ("spent", "mode", "tier"),
+    [
+        (None, "normal", None),
+        (10, "normal", None),
+        (75, "downgrade", "standard"),
+        (92, "downgrade", "cheap"),
+        (100, "stop", None),
+    ],
 )
 def test_the_strongest_budget_threshold_passed_sets_the_mode(
-    spent: float | None, mode: str, by: str | None
+    spent: float | None, mode: str, tier: str | None
 ) -> None:
     thresholds = [
         {"percent": 50, "action": "alert"},
-        {"percent": 80, "action": "downgrade"},
-        {"percent": 100, "action": "hard-stop"},
+        {"percent": 70, "action": "downgrade", "tier": "standard"},
+        {"percent": 90, "action": "downgrade", "tier": "cheap"},
+        {"percent": 100, "action": "block"},
     ]
     status = {} if spent is None else {"spentUSD": spent}
     budget = Resource(
@@ -620,8 +627,31 @@ def test_the_strongest_budget_threshold_passed_sets_the_mode(
     result = compile_([endpoint("gpt")], [policy("p", route("chat", "gpt"))], [budget])
 
     assert result.config is not None
-    assert result.config.budget.mode.value == mode
-    assert result.config.budget.budget == by
+    (shipped,) = result.config.budgets
+    assert (shipped.name, shipped.mode.value, shipped.tier) == ("b", mode, tier)
+    assert shipped.enforce and shipped.endpoints == ()
+    assert result.config.budget.mode.value == "normal"
+
+
+def test_budgets_scope_by_tags_and_ship_only_what_is_routed() -> None:
+    onprem = endpoint("local", compliance=["on-prem"])
+    budgets = [
+        Resource("tagged", {"period": "weekly", "limitUSD": 5, "scope": {"tags": ["on-prem"]}}),
+        Resource("nothing", {"period": "weekly", "limitUSD": 5, "scope": {"tags": ["gdpr"]}}),
+        Resource("bad-zone", {"period": "daily", "limitUSD": 5, "timezone": "Mars/Olympus"}),
+    ]
+    result = compile_(
+        [endpoint("gpt"), onprem], [policy("p", route("chat", "gpt", "local"))], budgets
+    )
+
+    assert result.config is not None
+    assert [(b.name, b.endpoints, b.enforce) for b in result.config.budgets] == [
+        ("tagged", ("local",), False)
+    ]
+    assert "matches no endpoint" in result.verdict("Budget", "nothing").message
+    bad = result.verdict("Budget", "bad-zone")
+    assert (bad.ready, bad.reason) == (False, INVALID_SPEC)
+    assert "Mars/Olympus" in bad.message
 
 
 def test_an_empty_namespace_compiles_to_nothing() -> None:
