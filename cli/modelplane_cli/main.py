@@ -12,7 +12,9 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from . import audit as audit_cli
 
 
 def _run(coro: Coroutine[Any, Any, int | None]) -> int:
@@ -31,10 +33,17 @@ def _serve(args: argparse.Namespace) -> int:
     from modelplane_sidecar.server import serve_file
 
     logs.configure(args.log_level)
+    try:
+        args.audit = audit_cli.settings_from_args(args)
+    except ValueError as exc:
+        print(f"modelplane serve: {exc}", file=sys.stderr)
+        return 2
     if args.control_plane is not None:
         return _serve_control_plane(args)
     try:
-        return _run(serve_file(Path(args.config), args.host, args.port, args.health_port))
+        return _run(
+            serve_file(Path(args.config), args.host, args.port, args.health_port, audit=args.audit)
+        )
     except ConfigError as exc:
         print(f"modelplane serve: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -59,6 +68,7 @@ def _serve_control_plane(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir) if args.state_dir else None,
             node=os.environ.get("MODELPLANE_POD_NAME", ""),
             health_port=args.health_port,
+            audit=args.audit,
         )
     )
 
@@ -173,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve /healthz and /readyz on all interfaces here, for the kubelet's probes",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    audit_cli.add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+    audit_cli.add_audit_command(sub)
 
     explain = sub.add_parser(
         "explain", help="show the routing decision for a request, offline (calls no model)"
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from prometheus_client import disable_created_metrics
+
+    # One series per counter and histogram, without a `_created` gauge beside each: a sidecar
+    # runs in every pod, so its series count multiplies. (The function has no annotations.)
+    cast(Callable[[], None], disable_created_metrics)()
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from .compile import (
 from .crd_models import API_VERSION, GROUP, KINDS, MODEL_ENDPOINT, VERSION, Kind
 from .distribution.hub import ConfigHub, SidecarCounts
 from .kube import KubeClient, KubeError
+from .metrics import OperatorMetrics
 
 log = logging.getLogger("modelplane.operator")
 
@@ -80,9 +82,11 @@ class Controller:
         hub: ConfigHub,
         debounce_seconds: float = 0.2,
         applied_interval_seconds: float = 1.0,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self._kube = kube
         self._hub = hub
+        self._metrics = metrics
         self._debounce = debounce_seconds
         self._applied_interval = applied_interval_seconds
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
@@ -179,6 +183,14 @@ class Controller:
         )
 
     async def reconcile(self, namespace: str) -> CompiledNamespace | None:
+        started = time.perf_counter()
+        compiled = await self._reconcile(namespace)
+        if self._metrics is not None:
+            self._metrics.reconciles.labels("ok" if compiled is not None else "error").inc()
+            self._metrics.reconcile_duration.observe(time.perf_counter() - started)
+        return compiled
+
+    async def _reconcile(self, namespace: str) -> CompiledNamespace | None:
         async with self._lock(namespace):
             try:
                 inputs = await self._inputs(namespace)
@@ -284,6 +296,8 @@ class Controller:
             except (KubeError, OSError, TimeoutError) as exc:
                 if not isinstance(exc, KubeError) or exc.status != 404:
                     log.error("status of %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
+                    if self._metrics is not None:
+                        self._metrics.status_errors.labels(key.kind).inc()
                     self._retry_later(compiled.namespace)
                 continue
             self._written[key] = comparable

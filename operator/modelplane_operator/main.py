@@ -16,12 +16,14 @@ from .handlers import build_registry
 from .injection import InjectionSettings
 from .injection.keeper import KeeperSettings
 from .injection.webhook import (
+    InjectionMetrics,
     ManagedTLS,
     RunningWebhook,
     WebhookServerSettings,
     serve_injection_webhook,
 )
 from .kube import KubeClient, load_credentials
+from .metrics import OperatorMetrics
 
 log = logging.getLogger("modelplane.operator")
 
@@ -58,9 +60,11 @@ async def run_operator(options: OperatorOptions) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     credentials = load_credentials()
     kube = KubeClient(credentials)
-    hub = ConfigHub()
-    controller = Controller(kube, hub, options.debounce_seconds)
-    stream = StreamServer(hub, Authenticator(kube.token_review, options.audience))
+    # One registry: /metrics on the stream port and on the webhook port serve the same series.
+    metrics = OperatorMetrics()
+    hub = ConfigHub(metrics=metrics)
+    controller = Controller(kube, hub, options.debounce_seconds, metrics=metrics)
+    stream = StreamServer(hub, Authenticator(kube.token_review, options.audience), metrics)
     tls: ManagedTLS | None = None
     webhook: RunningWebhook | None = None
     if options.certificates is not None:
@@ -68,7 +72,13 @@ async def run_operator(options: OperatorOptions) -> int:
         tls = await ManagedTLS.start(options.certificates, kube, options.tls_dir)
         context = tls.context
         if options.injection is not None and options.webhook is not None:
-            webhook = await serve_injection_webhook(options.injection, options.webhook, kube, tls)
+            webhook = await serve_injection_webhook(
+                options.injection,
+                options.webhook,
+                kube,
+                tls,
+                InjectionMetrics(metrics.registry),
+            )
     elif options.tls_cert_file is not None and options.tls_key_file is not None:
         context = server_ssl_context(str(options.tls_cert_file), str(options.tls_key_file))
     else:

@@ -86,6 +86,8 @@ class AuditChain:
     chain: str = field(default_factory=lambda: os.urandom(8).hex())
     seq: int = 0
     head: str = GENESIS
+    #: (seq covered, chain head) of the last checkpoint signed.
+    last_checkpoint: tuple[int, str] | None = None
     _since_checkpoint: int = 0
 
     def _append(self, entry: dict[str, Any]) -> bytes:
@@ -121,6 +123,7 @@ class AuditChain:
     def checkpoint(self) -> bytes:
         self._since_checkpoint = 0
         covered = self.seq
+        self.last_checkpoint = (covered, self.head)
         signature = self.key.sign(_checkpoint_message(self.chain, covered, self.head))
         entry = {
             "type": CHECKPOINT,
@@ -193,9 +196,19 @@ class AuditLog:
 
     def record(self, fields: dict[str, Any]) -> None:
         lines = self._chain.record(fields)
-        if len(lines) > 1:
-            self._last_checkpoint = time.monotonic()
         self._pending.extend(lines)
+        if len(lines) > 1:
+            self._checkpointed()
+
+    def _checkpointed(self) -> None:
+        """Log every checkpoint: the log pipeline's copy is an anchor that a cut file lacks."""
+        self._last_checkpoint = time.monotonic()
+        if self._chain.last_checkpoint is not None:
+            covers, head = self._chain.last_checkpoint
+            log.info(
+                "audit checkpoint signed",
+                extra={"auditChain": self._chain.chain, "auditCovers": covers, "auditHead": head},
+            )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._flush_forever())
@@ -208,7 +221,7 @@ class AuditLog:
                 and time.monotonic() - self._last_checkpoint >= self._checkpoint_seconds
             ):
                 self._pending.append(self._chain.checkpoint())
-                self._last_checkpoint = time.monotonic()
+                self._checkpointed()
             await self.flush()
 
     async def flush(self) -> None:
@@ -238,6 +251,7 @@ class AuditLog:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._pending.append(self._chain.checkpoint())
+        self._checkpointed()
         await self.flush()
         if self._sink is not sys.stdout.buffer:
             self._sink.close()
@@ -256,6 +270,8 @@ class VerifyReport:
     chains: int = 0
     #: Things that are not proof of tampering but limit what the file proves (see docs).
     warnings: list[str] = field(default_factory=list)
+    #: Lines that are not audit entries, skipped in container-log mode.
+    skipped: int = 0
 
 
 @dataclass
@@ -277,10 +293,11 @@ class _ChainState:
 
 def _check_checkpoint(
     state: _ChainState, entry: dict[str, Any], number: int, problems: list[str]
-) -> None:
+) -> bool:
+    """True when the checkpoint is signed by the chain's key and covers the chain as read."""
     if state.key is None:
         problems.append(f"line {number}: checkpoint but no public key to check it with")
-        return
+        return False
     try:
         covers = int(entry.get("covers", -1))
         state.key.verify(
@@ -289,23 +306,33 @@ def _check_checkpoint(
         )
     except (InvalidSignature, ValueError, TypeError):
         problems.append(f"line {number}: checkpoint signature is not valid")
-        return
+        return False
     if entry.get("head") != state.head or covers != state.expected_seq - 1:
         problems.append(f"line {number}: signed checkpoint does not cover the chain as read")
-        return
+        return False
     state.last_signed = state.records
+    return True
 
 
 def verify_lines(
-    lines: Iterable[bytes], public_key: Ed25519PublicKey | None = None
+    lines: Iterable[bytes],
+    public_key: Ed25519PublicKey | None = None,
+    anchors: Iterable[tuple[str, int, str]] = (),
+    container_log: bool = False,
 ) -> VerifyReport:
     """Check every chain in a file; each problem names the line number and what is wrong there.
 
     A `chain-start` line with seq 1 begins a new chain (the sidecar restarted and appended).
     With `public_key`, every checkpoint must be signed by that key; without it, each chain's
     checkpoints are checked against the key its own start line announces, which proves the
-    chain is intact but not who wrote it (pin the key for that).
+    chain is intact but not who wrote it (pin the key for that). `anchors` are the
+    (chain, covers, head) of checkpoints the sidecar logged elsewhere (`read_anchors`): each
+    one of a chain in the file must be in the file, which exposes a tail cut at a checkpoint.
+    With `container_log`, lines that are not audit entries are skipped: the input may be a
+    container's whole output, the sidecar's JSON logs (stderr) interleaved with the audit
+    (stdout), as `kubectl logs` prints it.
     """
+    signed: set[tuple[str, int, str]] = set()
     problems: list[str] = []
     warnings: list[str] = []
     chains: list[_ChainState] = []
@@ -322,16 +349,23 @@ def verify_lines(
                 "(crash or kill), or its tail was cut"
             )
 
+    skipped = 0
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            problems.append(f"line {number}: not valid JSON (edited or corrupted)")
-            continue
-        if not isinstance(entry, dict):
-            problems.append(f"line {number}: not an audit entry (edited or corrupted)")
+            entry = None
+        if not isinstance(entry, dict) or "hash" not in entry or "chain" not in entry:
+            if container_log:
+                # A log line between the audit lines. An audit line mangled into something
+                # else is skipped too, and then shows as a gap in the seq numbers.
+                skipped += 1
+            elif entry is None:
+                problems.append(f"line {number}: not valid JSON (edited or corrupted)")
+            else:
+                problems.append(f"line {number}: not an audit entry (edited or corrupted)")
             continue
         seq = entry.get("seq")
         kind = entry.get("type")
@@ -371,7 +405,8 @@ def verify_lines(
                     problems.append(f"line {number}: chain-start has an unreadable public key")
         elif kind == CHECKPOINT:
             checkpoints += 1
-            _check_checkpoint(state, entry, number, problems)
+            if _check_checkpoint(state, entry, number, problems):
+                signed.add((str(state.chain_id), state.expected_seq - 1, state.head))
         elif kind == RECORD:
             records += 1
             state.records += 1
@@ -381,6 +416,21 @@ def verify_lines(
         state.expected_seq = (seq if isinstance(seq, int) else expected) + 1
     if state is None:
         problems.append("no audit lines in the file")
+    in_file = {str(c.chain_id) for c in chains}
+    foreign = 0
+    for chain, covers, head in anchors:
+        if chain not in in_file:
+            foreign += 1
+        elif (chain, covers, head) not in signed:
+            problems.append(
+                f"chain {chain!r}: the checkpoint over seq {covers} that the sidecar logged is "
+                "not in the file (records cut from the end, or the checkpoint removed)"
+            )
+    if foreign:
+        warnings.append(
+            f"{foreign} logged checkpoint(s) belong to chains not in this file (other sidecars' "
+            "logs, or a whole chain removed from the file)"
+        )
     return VerifyReport(
         ok=not problems,
         records=records,
@@ -390,7 +440,28 @@ def verify_lines(
         public_key=embedded,
         chains=len(chains),
         warnings=warnings,
+        skipped=skipped,
     )
+
+
+def read_anchors(log_lines: Iterable[bytes]) -> list[tuple[str, int, str]]:
+    """The checkpoints a sidecar logged ("audit checkpoint signed"), from its JSON log lines."""
+    found: list[tuple[str, int, str]] = []
+    for raw in log_lines:
+        if b"auditHead" not in raw:
+            continue
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        chain, covers, head = (
+            entry.get("auditChain"),
+            entry.get("auditCovers"),
+            entry.get("auditHead"),
+        )
+        if isinstance(chain, str) and isinstance(covers, int) and isinstance(head, str):
+            found.append((chain, covers, head))
+    return found
 
 
 def generate_key() -> Ed25519PrivateKey:

@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 
 from .config import ConfigError, RouterConfig, parse_config
+from .pool import LOAD, apply_load_message
 from .server import HOLDER_KEY, ConfigHolder, create_app, serve_app
 
 log = logging.getLogger("modelplane.sidecar.controlplane")
@@ -220,6 +221,12 @@ class ControlPlaneClient:
                     data = orjson.loads(msg.data)
                 except orjson.JSONDecodeError:
                     log.warning("ignoring a control-plane message that is not JSON")
+                    continue
+                if isinstance(data, dict) and data.get("type") == LOAD:
+                    # Self-hosted replicas' load, scraped once by the operator: no ACK.
+                    snapshot = self._holder.snapshot
+                    if snapshot is not None:
+                        apply_load_message(snapshot.pools(), data)
                     continue
                 if isinstance(data, dict) and data.get("type") == CONFIG:
                     reply = await self._apply(data)

@@ -26,6 +26,7 @@ from .auditing import AuditTrail, RequestEnd
 from .config import RetryOn
 from .errors import ApiError
 from .metrics import Outcome, SidecarMetrics
+from .pool import ReplicaState
 from .providers.base import (
     ANOTHER_ENDPOINT_MAY_SERVE,
     FailureKind,
@@ -96,6 +97,7 @@ class _StreamStart:
     response: aiohttp.ClientResponse
     translator: StreamTranslator
     first: bytes
+    replica: ReplicaState | None = None
 
 
 class StreamRewriter(Protocol):
@@ -129,6 +131,8 @@ class Exchange:
     attempts: list[AttemptRecord] = field(default_factory=list)
     #: Set once the request's metrics and audit record are written.
     finished: bool = False
+    #: Replicas of self-hosted endpoints that failed this request (retries go elsewhere).
+    failed_replicas: set[str] = field(default_factory=set)
 
 
 def cost_usd(endpoint: EndpointRuntime, usage: Usage) -> float:
@@ -159,6 +163,7 @@ class Forwarder:
         self._sleep = sleep
         self._jitter = jitter
         self._audit = audit
+        self._replica_rng = random.Random()
 
     async def forward(self, ex: Exchange) -> web.StreamResponse:
         try:
@@ -171,6 +176,8 @@ class Forwarder:
             raise
 
     async def _forward(self, ex: Exchange) -> web.StreamResponse:
+        if ex.decision.hold is not None:
+            await self._hold(ex)
         loop = asyncio.get_running_loop()
         alias = ex.decision.alias
         retry = alias.retry
@@ -270,6 +277,17 @@ class Forwarder:
             return self._client_error(ex, too_small, answer, attempts, tried_endpoints)
         raise self._exhausted(ex, records, attempts)
 
+    async def _hold(self, ex: Exchange) -> None:
+        """A request that must not spill waits (bounded) for its self-hosted pool's capacity."""
+        hold = ex.decision.hold
+        assert hold is not None
+        try:
+            await hold.wait()
+        except ApiError as exc:
+            exc.headers.setdefault("x-request-id", ex.request_id)
+            self._finish(ex, Outcome.REFUSED, exc.status, None, None, error=exc.code)
+            raise
+
     def _retry_delay(
         self,
         failure: UpstreamFailure,
@@ -314,6 +332,7 @@ class Forwarder:
             cfg, endpoint.credentials, ex.request.op, ex.request.body, False
         )
         timeout = self._timeout_for(endpoint, ex, remaining)
+        url, replica = self._take_replica(ex, endpoint, req.url)
         endpoint.state.in_flight += 1
         endpoint.state.stats.note_request(ex.decision.input_tokens)
         sent = time.perf_counter()
@@ -321,7 +340,7 @@ class Forwarder:
             async with asyncio.timeout(timeout):
                 async with self._session.request(
                     req.method,
-                    req.url,
+                    url,
                     headers=req.headers,
                     data=req.body,
                     timeout=aiohttp.ClientTimeout(sock_connect=cfg.timeouts.connect_seconds),
@@ -332,14 +351,20 @@ class Forwarder:
         except TimeoutError:
             # A timeout is at least that slow: lowest-latency routing should see it.
             endpoint.state.stats.observe_latency(timeout)
+            _replica_failed(ex, replica, connect=False)
             raise UpstreamFailure(
                 FailureKind.TIMEOUT, f"no complete response within {timeout:.2f}s"
             ) from None
         except aiohttp.ClientError as exc:
+            _replica_failed(ex, replica, connect=True)
             raise _connection_failure(exc) from None
         finally:
             endpoint.state.in_flight -= 1
+            if replica is not None:
+                replica.outstanding -= 1
         if status >= 300:
+            if status >= 500:
+                _replica_failed(ex, replica, connect=False)
             raise endpoint.adapter.classify_error(cfg, status, resp_headers, data)
         endpoint.state.stats.observe_latency(time.perf_counter() - sent)
         return endpoint.adapter.translate_response(cfg, ex.request.op, data, ex.request.body)
@@ -354,6 +379,7 @@ class Forwarder:
         )
         timeout = self._timeout_for(endpoint, ex, remaining)
         resp: aiohttp.ClientResponse | None = None
+        url, replica = self._take_replica(ex, endpoint, req.url)
         endpoint.state.in_flight += 1
         endpoint.state.stats.note_request(ex.decision.input_tokens)
         sent = time.perf_counter()
@@ -361,13 +387,15 @@ class Forwarder:
             async with asyncio.timeout(timeout):
                 resp = await self._session.request(
                     req.method,
-                    req.url,
+                    url,
                     headers=req.headers,
                     data=req.body,
                     timeout=aiohttp.ClientTimeout(sock_connect=cfg.timeouts.connect_seconds),
                 )
                 if resp.status >= 300:
                     data = await resp.read()
+                    if resp.status >= 500:
+                        _replica_failed(ex, replica, connect=False)
                     raise endpoint.adapter.classify_error(cfg, resp.status, resp.headers, data)
                 translator = endpoint.adapter.stream_translator(cfg, ex.request.op, ex.request.body)
                 first = b""
@@ -382,18 +410,43 @@ class Forwarder:
                         break
                     first = translator.feed(chunk)
             endpoint.state.stats.observe_ttft(time.perf_counter() - sent)
-            return _StreamStart(resp, translator, first)
+            return _StreamStart(resp, translator, first, replica)
         except BaseException as exc:
             endpoint.state.in_flight -= 1
+            if replica is not None:
+                replica.outstanding -= 1
             if resp is not None:
                 resp.close()
             if isinstance(exc, TimeoutError):
+                _replica_failed(ex, replica, connect=False)
                 raise UpstreamFailure(
                     FailureKind.TIMEOUT, f"no first stream event within {timeout:.2f}s"
                 ) from None
             if isinstance(exc, aiohttp.ClientError):
+                _replica_failed(ex, replica, connect=True)
                 raise _connection_failure(exc) from None
             raise
+
+    def _take_replica(
+        self, ex: Exchange, endpoint: EndpointRuntime, url: str
+    ) -> tuple[str, ReplicaState | None]:
+        """The URL for this attempt: on a load-picked replica for a self-hosted pool (its
+        outstanding count taken until the attempt ends), else the adapter's own URL."""
+        pool = endpoint.pool
+        if pool is None:
+            return url, None
+        replica = pool.pick(self._replica_rng, ex.failed_replicas)
+        if replica is None:
+            raise UpstreamFailure(
+                FailureKind.CONNECT,
+                f"no ready replica (0 of {len(pool.replicas)} ready)",
+            )
+        base = endpoint.config.base_url
+        if url.startswith(base):
+            url = replica.url + url[len(base) :]
+        replica.outstanding += 1
+        replica.sent += 1
+        return url, replica
 
     async def _relay_stream(
         self,
@@ -452,6 +505,8 @@ class Forwarder:
         finally:
             upstream.close()
             endpoint.state.in_flight -= 1
+            if start.replica is not None:
+                start.replica.outstanding -= 1
             usage = translator.usage or Usage(estimated=True)
             self._finish(ex, outcome, 200, endpoint, usage, ttft=ttft)
         return response
@@ -588,6 +643,16 @@ def _connection_failure(exc: aiohttp.ClientError) -> UpstreamFailure:
         return UpstreamFailure(FailureKind.CONNECT, "upstream connection broke mid-response")
     detail = str(exc) or type(exc).__name__
     return UpstreamFailure(FailureKind.CONNECT, f"connection to upstream failed: {detail}")
+
+
+def _replica_failed(ex: Exchange, replica: ReplicaState | None, *, connect: bool) -> None:
+    """Retries of this request go to another replica; a refused connection also cools the
+    replica down for every request for a moment."""
+    if replica is None:
+        return
+    ex.failed_replicas.add(replica.url)
+    if connect:
+        replica.connection_failed(time.monotonic())
 
 
 def _unchanged(frames: bytes) -> bytes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .breaker import CircuitBreaker
 from .config import Endpoint, ModelAlias, RouterConfig
 from .endpoint_stats import EndpointStats
+from .pool import ReplicaPool
 from .providers import adapter_for
 from .providers.base import Adapter, Credentials
 
@@ -31,6 +32,9 @@ class EndpointRuntime:
     adapter: Adapter
     credentials: Credentials = field(repr=False)
     state: EndpointState
+    #: The replicas of a self-hosted endpoint (None: one plain base URL); replica state carries
+    #: over to the next snapshot by URL.
+    pool: ReplicaPool | None = None
 
     @property
     def name(self) -> str:
@@ -63,9 +67,13 @@ class Snapshot:
             before = old.get(ep.name)
             keep = before is not None and _identity(before.config) == _identity(ep)
             state = before.state if keep and before is not None else EndpointState()
-            endpoints[ep.name] = EndpointRuntime(ep, adapter, credentials, state)
+            pool = ReplicaPool.build(ep, before.pool if before is not None else None)
+            endpoints[ep.name] = EndpointRuntime(ep, adapter, credentials, state, pool)
         aliases = {m.name: m for m in config.models}
         return cls(config, config.version(), endpoints, aliases, tuple(secrets))
+
+    def pools(self) -> dict[str, ReplicaPool]:
+        return {name: e.pool for name, e in self.endpoints.items() if e.pool is not None}
 
     def redact(self, data: bytes) -> bytes:
         for secret in self.secrets:

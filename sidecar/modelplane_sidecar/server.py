@@ -22,12 +22,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auditing import AuditSettings, AuditTrail, RequestEnd, open_trail
-from .config import ConfigError, RouterConfig, load_config_file
+from .config import ConfigError, LoadSource, RouterConfig, load_config_file
 from .errors import ApiError, bad_request
 from .forward import Exchange, Forwarder
 from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
 from .metrics import Outcome, SidecarMetrics, SyncState
+from .pool import LoadScraper, ReplicaPool
 from .providers.base import Operation
 from .routing import DecisionTrace, RoutedRequest, decide, explain, operation_for, prepare_routing
 from .runtime import Snapshot
@@ -140,6 +141,7 @@ class Sidecar:
         self.audit = audit
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
+        self._scraper: LoadScraper | None = None
 
     @property
     def forwarder(self) -> Forwarder:
@@ -177,10 +179,21 @@ class Sidecar:
             skip_auto_headers=("User-Agent",),
         )
         self._forwarder = Forwarder(self._session, self.metrics, audit=self.audit)
+        # Self-hosted pools whose load this sidecar reads itself (standalone mode).
+        self._scraper = LoadScraper(self._scraped_pools, self._session)
+        self._scraper.start()
         if self.audit is not None:
             self.audit.start()
 
+    def _scraped_pools(self) -> list[ReplicaPool]:
+        snapshot = self.holder.snapshot
+        if snapshot is None:
+            return []
+        return [p for p in snapshot.pools().values() if p.scraped_by(LoadSource.SCRAPE)]
+
     async def _on_cleanup(self, app: web.Application) -> None:
+        if self._scraper is not None:
+            await self._scraper.stop()
         if self.audit is not None:
             await self.audit.close()
         if self._session is not None:
@@ -475,6 +488,8 @@ async def serve_app(
         health = web.Application()
         health.router.add_get("/healthz", app[SIDECAR_KEY].healthz)
         health.router.add_get("/readyz", app[SIDECAR_KEY].readyz)
+        # Prometheus scrapes the Pod IP too; the metrics hold no request content or secrets.
+        health.router.add_get("/metrics", app[SIDECAR_KEY].metrics_endpoint)
         health_runner = web.AppRunner(health, access_log=None)
         await health_runner.setup()
         await web.TCPSite(health_runner, None, health_port).start()

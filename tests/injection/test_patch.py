@@ -112,6 +112,7 @@ def test_minimal_pod_gets_a_native_sidecar_with_token_volume_and_env() -> None:
         "--port": "15000",
         "--health-port": "15021",
         "--log-level": "info",
+        "--audit-log": "-",
     }
     assert sidecar["resources"] == {
         "requests": {"cpu": "100m", "memory": "128Mi"},

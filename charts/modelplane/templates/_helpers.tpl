@@ -158,6 +158,9 @@ app.kubernetes.io/component: operator
 - --sidecar-memory-limit={{ .Values.sidecar.resources.limits.memory }}
 - --sidecar-run-as-user={{ .Values.sidecar.runAsUser }}
 - --sidecar-log-level={{ .Values.sidecar.logLevel }}
+{{- if not .Values.sidecar.auditLog }}
+- --no-sidecar-audit-log
+{{- end }}
 - --token-audience={{ .Values.operator.tokenAudience }}
 - --token-expiration-seconds={{ .Values.sidecar.tokenExpirationSeconds }}
 {{- end }}

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from modelplane_sidecar.controlplane import config_message
+
+if TYPE_CHECKING:
+    from ..metrics import OperatorMetrics
 
 log = logging.getLogger("modelplane.operator.hub")
 
@@ -56,8 +60,9 @@ class Session:
         self.acked: str | None = running
         #: The last version it refused, with its error.
         self.rejected: tuple[str, str] | None = None
-        #: The version pushed and not yet answered.
+        #: The version pushed and not yet answered, and when it was pushed (monotonic).
         self.inflight: str | None = None
+        self.pushed_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self.closed = False
 
@@ -76,6 +81,7 @@ class Session:
         if version == self.acked or (self.rejected is not None and self.rejected[0] == version):
             return
         self.inflight = version
+        self.pushed_at = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._push(message))
 
     async def _push(self, message: bytes) -> None:
@@ -123,9 +129,16 @@ class Channel:
 class ConfigHub:
     """Namespace channels; `on_change(namespace)` is called whenever its counts may change."""
 
-    def __init__(self, on_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[str], None] | None = None,
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
         self._channels: dict[str, Channel] = {}
         self.on_change = on_change
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch(self)
 
     def _channel(self, namespace: str) -> Channel:
         channel = self._channels.get(namespace)
@@ -136,6 +149,9 @@ class ConfigHub:
     def _changed(self, namespace: str) -> None:
         if self.on_change is not None:
             self.on_change(namespace)
+
+    def namespaces(self) -> list[str]:
+        return sorted(self._channels)
 
     def version(self, namespace: str) -> str | None:
         channel = self._channels.get(namespace)
@@ -187,6 +203,10 @@ class ConfigHub:
         if not session.answered(version, error):
             log.debug("ignoring an answer for version %s that %s was not sent", version, session)
             return
+        if self._metrics is not None:
+            answer = "ack" if error is None else "nack"
+            self._metrics.answers.labels(session.namespace, answer).inc()
+            self._metrics.push_duration.labels(answer).observe(time.monotonic() - session.pushed_at)
         if error is not None:
             log.warning(
                 "sidecar %s in %s rejected config %s: %s",

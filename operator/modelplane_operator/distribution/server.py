@@ -14,10 +14,12 @@ from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelplane_sidecar.controlplane import ACK, HELLO, MAX_NACK_ERROR, NACK, STREAM_PATH
 
 from ..kube import KubeError
+from ..metrics import OperatorMetrics
 from .auth import Authenticator, AuthError
 from .hub import ConfigHub, Identity, Session
 
@@ -38,9 +40,15 @@ def _text(value: object, limit: int) -> str | None:
 
 
 class StreamServer:
-    def __init__(self, hub: ConfigHub, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        hub: ConfigHub,
+        authenticator: Authenticator,
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
         self.hub = hub
         self.authenticator = authenticator
+        self.metrics = metrics or OperatorMetrics()
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
 
@@ -48,11 +56,16 @@ class StreamServer:
         app = web.Application()
         app.router.add_get(STREAM_PATH, self.stream)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
         app.on_shutdown.append(self._close_sockets)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def _close_sockets(self, app: web.Application) -> None:
         await asyncio.gather(
@@ -63,6 +76,7 @@ class StreamServer:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            self.metrics.connections.labels("unauthenticated").inc()
             return _error(
                 401, "missing bearer token (the sidecar's projected ServiceAccount token)"
             )
@@ -70,10 +84,13 @@ class StreamServer:
             identity = await self.authenticator.authenticate(token.strip())
         except AuthError as exc:
             log.info("refused a sidecar from %s: %s", request.remote, exc)
+            self.metrics.connections.labels("unauthenticated").inc()
             return _error(401, str(exc))
         except (KubeError, OSError, TimeoutError) as exc:
             log.error("TokenReview failed: %s", exc)
+            self.metrics.connections.labels("auth_unavailable").inc()
             return _error(503, "cannot verify the token right now; retry later")
+        self.metrics.connections.labels("accepted").inc()
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         self._sockets.add(ws)

@@ -101,6 +101,12 @@ def add_webhook_arguments(parser: argparse.ArgumentParser, *, required: bool) ->
     sidecar.add_argument(
         "--sidecar-log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    sidecar.add_argument(
+        "--no-sidecar-audit-log",
+        dest="sidecar_audit_log",
+        action="store_false",
+        help="injected sidecars write no audit trail (default: one record per request on stdout)",
+    )
     sidecar.add_argument("--token-audience", default="modelplane")
     sidecar.add_argument("--token-expiration-seconds", type=int, default=3600)
 
@@ -161,6 +167,7 @@ def settings_from_args(
         token_expiration_seconds=args.token_expiration_seconds,
         run_as_user=args.sidecar_run_as_user,
         log_level=args.sidecar_log_level,
+        audit_log=args.sidecar_audit_log,
         excluded_namespaces=(
             DEFAULT_EXCLUDED_NAMESPACES if excluded is None else frozenset(excluded)
         ),

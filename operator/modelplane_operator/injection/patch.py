@@ -39,6 +39,8 @@ from .settings import (
 
 JsonPatch = list[dict[str, Any]]
 
+#: The sidecar's health port, which also serves /metrics (charts: metrics.podMonitor).
+METRICS_PORT_NAME = "mp-metrics"
 #: The key apps send is never used: the sidecar holds the real provider credentials.
 PLACEHOLDER_API_KEY = "modelplane-sidecar"
 _BASE_URL_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE", "ANTHROPIC_BASE_URL")
@@ -111,6 +113,7 @@ def sidecar_container(spec: SidecarSpec, settings: InjectionSettings) -> dict[st
             str(spec.health_port),
             "--log-level",
             settings.log_level,
+            *(("--audit-log", "-") if settings.audit_log else ()),
         ],
         "env": [
             {
@@ -121,6 +124,15 @@ def sidecar_container(spec: SidecarSpec, settings: InjectionSettings) -> dict[st
                 "name": "MODELPLANE_POD_NAMESPACE",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
             },
+            # Who the audit records name as the caller (read once at start).
+            {
+                "name": "MODELPLANE_POD_SERVICE_ACCOUNT",
+                "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}},
+            },
+        ],
+        # Named so a PodMonitor can find every sidecar's /metrics (served on the health port).
+        "ports": [
+            {"name": METRICS_PORT_NAME, "containerPort": spec.health_port, "protocol": "TCP"}
         ],
         "resources": spec.resources.as_kubernetes(),
         # The app containers start once the sidecar listens; readiness follows the config.

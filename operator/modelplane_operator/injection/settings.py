@@ -108,6 +108,9 @@ class InjectionSettings:
     token_expiration_seconds: int = 3600
     run_as_user: int = 65532
     log_level: str = "info"
+    #: Injected sidecars write their audit trail to stdout (`--audit-log -`), for the cluster's
+    #: log pipeline; their JSON logs go to stderr (docs/observability.md).
+    audit_log: bool = True
     excluded_namespaces: frozenset[str] = DEFAULT_EXCLUDED_NAMESPACES
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from ..runtime import EndpointRuntime, Snapshot
 from .classify import Classification, classify
 from .classify.complexity import ComplexityModel, default_model
 from .filters import Candidate, Removal, RouteContext, apply_filters
+from .overflow import CapacityHold, apply_overflow
 from .pickers import PICKERS, apply_budget
 from .rules import Route, RuleCheck, match_rule
 
@@ -52,6 +53,8 @@ class DecisionTrace:
     considered: list[str] = field(default_factory=list)
     removed: list[Removal] = field(default_factory=list)
     pick: str = ""
+    #: What the overflow step did (routes with `overflow` only).
+    overflow: str = ""
     budget: str = ""
     order: list[str] = field(default_factory=list)
     error: ApiError | None = None
@@ -68,6 +71,7 @@ class DecisionTrace:
             "considered": self.considered,
             "removed": [r.as_json() for r in self.removed],
             "pick": self.pick,
+            "overflow": self.overflow or None,
             "budget": self.budget or None,
             "candidates": self.order,
             "error": (
@@ -98,6 +102,8 @@ class RouteDecision:
     #: Estimated prompt tokens (fed to the endpoints' rate windows by the forwarder).
     input_tokens: int = 0
     trace: DecisionTrace | None = None
+    #: A never-spill request that must wait for self-hosted capacity first (the forwarder waits).
+    hold: CapacityHold | None = None
 
 
 def operation_for(body: dict[str, Any], wanted: str | None = None) -> Operation:
@@ -181,8 +187,23 @@ def _run(
         config.budget,
         rng,
     )
-    candidates = apply_filters(candidates, ctx, trace.removed)
-    candidates, trace.pick = PICKERS[route.strategy].order(candidates, ctx)
+    unavailable: ApiError | None = None
+    try:
+        candidates = apply_filters(candidates, ctx, trace.removed)
+    except ApiError as exc:
+        # With overflow, a pool that cannot serve at all is the extreme of saturated.
+        if route.overflow is None or exc.status != 503:
+            raise
+        candidates, unavailable = [], exc
+    hold = None
+    if candidates:
+        candidates, trace.pick = PICKERS[route.strategy].order(candidates, ctx)
+    if route.overflow is not None:
+        candidates, hold, trace.overflow = apply_overflow(
+            candidates, ctx, snapshot, trace.removed, unavailable
+        )
+        if trace.overflow:
+            trace.considered.extend(t.endpoint for t in route.overflow.targets)
     candidates, trace.budget = apply_budget(candidates, ctx)
     if not route.options.fallback:
         for dropped in candidates[1:]:
@@ -198,6 +219,7 @@ def _run(
         candidates[0].arm,
         found.size.input_tokens,
         trace,
+        hold,
     )
 
 

@@ -169,6 +169,18 @@ class CircuitClosed(_UnavailableRefusal):
         return f"circuit breaker open (probe in {wait:.1f}s)"
 
 
+class ReplicasReady(_UnavailableRefusal):
+    """Skip self-hosted endpoints none of whose replicas is ready (e.g. all pods unready)."""
+
+    name = "replicas"
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        pool = candidate.endpoint.pool
+        if pool is None or pool.ready():
+            return None
+        return f"no ready replica (0 of {len(pool.replicas)} ready)"
+
+
 class ContextWindow:
     name = "context-window"
 
@@ -232,6 +244,7 @@ FILTERS: tuple[CandidateFilter, ...] = (
     OperationSupported(),
     Compliance(),
     CircuitClosed(),
+    ReplicasReady(),
     ContextWindow(),
     WithinLimits(),
 )

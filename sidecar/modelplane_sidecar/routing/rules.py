@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ModelAlias, Rule, RuleMatch, Strategy, StrategyOptions, Target
+from ..config import ModelAlias, Overflow, Rule, RuleMatch, Strategy, StrategyOptions, Target
 from .classify import Classification
 
 
@@ -25,6 +25,8 @@ class Route:
     #: Targets, or plain endpoint names (an alias's `endpoints` chain: weight 1, no tier).
     targets: tuple[Target, ...] | tuple[str, ...]
     options: StrategyOptions
+    #: Where requests spill while these targets are saturated (routing/overflow.py).
+    overflow: Overflow | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,9 +123,14 @@ def match_rule(
         miss = first_mismatch(rule.match, alias.name, operation, stream, headers, body, found)
         if miss is None:
             checks.append(RuleCheck(rule.name))
-            return Route(rule.name, rule.strategy, rule.targets, rule.options), checks
+            route = Route(rule.name, rule.strategy, rule.targets, rule.options, rule.overflow)
+            return route, checks
         checks.append(RuleCheck(rule.name, miss[0], miss[1]))
     route = Route(
-        f"model:{alias.name}", alias.strategy, alias.targets or alias.endpoints, alias.options
+        f"model:{alias.name}",
+        alias.strategy,
+        alias.targets or alias.endpoints,
+        alias.options,
+        alias.overflow,
     )
     return route, checks
