@@ -8,12 +8,13 @@ type or a missing `_total` fails here; a label carrying request content fails to
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from harness import Router, Upstreams, http
+from harness import Router, Upstreams
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -92,12 +93,16 @@ def _config(urls: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _scrape(router: Router) -> str:
+    with urllib.request.urlopen(router.url + "/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        assert reply.headers["content-type"].startswith("text/plain; version=")
+        text: str = reply.read().decode()
+        return text
+
+
 def _families(router: Router) -> dict[str, Any]:
-    reply = http("GET", router.url + "/metrics")
-    assert reply.status_code == 200
-    headers = {k.lower(): v for k, v in reply.headers.items()}
-    assert headers["content-type"].startswith("text/plain; version=")
-    families = text_string_to_metric_families(reply.text)
+    families = text_string_to_metric_families(_scrape(router))
     # In-process the client library's default `_created` gauges appear; `modelplane serve`
     # turns them off (see test_audit_trail.py, which scrapes the real process).
     return {f.name: f for f in families if not f.name.endswith("_created")}
@@ -138,7 +143,7 @@ def traffic(upstreams: Upstreams) -> tuple[Router, str]:
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=UNKNOWN_MODEL, messages=hello)
-    return router, http("GET", router.url + "/metrics").text
+    return router, _scrape(router)
 
 
 def test_every_family_has_its_documented_type_and_labels(traffic: tuple[Router, str]) -> None:
