@@ -29,7 +29,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .auditing import AuditSettings, open_trail
 from .config import ConfigError, RouterConfig, parse_config
+from .metrics import SidecarMetrics, SyncState
 from .pool import LOAD, apply_load_message
 from .server import HOLDER_KEY, ConfigHolder, create_app, serve_app
 
@@ -137,6 +139,7 @@ class ControlPlaneClient:
         state: LastKnownGood | None = None,
         node: str = "",
         backoff: Backoff | None = None,
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         self._url = url.rstrip("/") + STREAM_PATH if not url.endswith(STREAM_PATH) else url
         self._token_file = token_file
@@ -145,6 +148,7 @@ class ControlPlaneClient:
         self._state = state
         self._node = node or os.uname().nodename
         self._backoff = backoff or Backoff()
+        self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         #: Version of the config this client applied (or restored) last.
@@ -195,6 +199,7 @@ class ControlPlaneClient:
                     log.warning("control plane unreachable: %s", exc or type(exc).__name__)
                     got_config = False
                 self.connected.clear()
+                self._sync(SyncState.CONNECTING)
                 attempt = 0 if got_config else attempt + 1
                 delay = self._backoff.delay(attempt)
                 log.info("reconnecting to the control plane in %.2fs", delay)
@@ -213,6 +218,8 @@ class ControlPlaneClient:
         async with ws:
             await ws.send_str(orjson.dumps(hello(self._node, self._serving_version)).decode())
             self.connected.set()
+            # The operator pushes only when this sidecar runs another version than its own.
+            self._sync(SyncState.SYNCED)
             log.info("connected to the control plane at %s", self._url)
             async for msg in ws:
                 if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
@@ -231,8 +238,13 @@ class ControlPlaneClient:
                 if isinstance(data, dict) and data.get("type") == CONFIG:
                     reply = await self._apply(data)
                     delivered = delivered or reply["type"] == ACK
+                    self._sync(SyncState.SYNCED if reply["type"] == ACK else SyncState.REJECTED)
                     await ws.send_str(orjson.dumps(reply).decode())
         return delivered
+
+    def _sync(self, state: SyncState) -> None:
+        if self._metrics is not None:
+            self._metrics.set_sync_state(state)
 
     async def _apply(self, message: dict[str, Any]) -> dict[str, Any]:
         version = message.get("version")
@@ -274,14 +286,23 @@ async def serve_control_plane(
     state_dir: Path | None = None,
     node: str = "",
     health_port: int | None = None,
+    audit: AuditSettings | None = None,
 ) -> None:
     """Run the sidecar with its config from the operator's stream until SIGINT/SIGTERM."""
-    app = create_app(None)
+    metrics = SidecarMetrics()
+    metrics.set_sync_state(SyncState.CONNECTING)
+    app = create_app(None, metrics, open_trail(audit, metrics) if audit else None)
     state = LastKnownGood(state_dir) if state_dir is not None else None
     if state is None:
         log.warning("no --state-dir: configs are not kept across a restart of the sidecar")
     client = ControlPlaneClient(
-        url, token_file, app[HOLDER_KEY], ca_file=ca_file, state=state, node=node
+        url,
+        token_file,
+        app[HOLDER_KEY],
+        ca_file=ca_file,
+        state=state,
+        node=node,
+        metrics=metrics,
     )
     if client.restore():
         log.info("serving the last-known-good config until the control plane answers")
