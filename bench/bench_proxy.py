@@ -55,6 +55,7 @@ end
 """
 
 TARGETS = ("direct", "bare", "sidecar")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def request_body(model: str, stream: bool) -> bytes:
@@ -121,14 +122,21 @@ class Proc:
     port: int
     log: Path
 
-    def rss_mb(self) -> tuple[float, float]:
-        """(VmRSS, VmHWM) in MB from /proc."""
+    def memory_mb(self) -> dict[str, float]:
+        """VmRSS (resident), RssAnon (the process's own memory; the rest of the RSS is shared
+        library pages, shared by every process that maps the same files) and VmHWM (peak), MB."""
         values = {}
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "RssAnon", "VmHWM"):
                 values[key] = int(rest.split()[0]) / 1024
-        return values["VmRSS"], values["VmHWM"]
+        return values
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far, from /proc/<pid>/stat."""
+        stat = Path(f"/proc/{self.popen.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -208,6 +216,7 @@ def run_wrk(port: int, script: Path, conc: int, seconds: float, cpu: int | None)
     raw = json.loads(line.removeprefix("WRKJSON "))
     errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
     return {
+        "requests": raw["requests"],
         "rps": raw["requests"] / (raw["duration_us"] / 1e6),
         "p50_ms": raw["p50_us"] / 1000,
         "p99_ms": raw["p99_us"] / 1000,
@@ -245,11 +254,29 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def render(results: list[Result], rate: float) -> str:
-    head = (
-        f"{'mode':<7} {'conc':>4} {'target':<8} | {'max req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'err':>4} | {'@' + format(rate, 'g') + '/s p50':>11} {'p99':>6} "
-        f"{'added p50':>9} {'added p99':>9} {'err':>4}"
-    )
+    at = f"@{rate:g}/s"
+    columns = [
+        ("mode", "<7"),
+        ("conc", ">4"),
+        ("target", "<8"),
+        ("|", ""),
+        ("max req/s", ">9"),
+        ("CPU us/req", ">10"),
+        ("p50 ms", ">7"),
+        ("p99 ms", ">7"),
+        ("err", ">4"),
+        ("|", ""),
+        (f"{at} p50", ">11"),
+        ("p99", ">6"),
+        ("added p50", ">9"),
+        ("added p99", ">9"),
+        ("err", ">4"),
+    ]
+
+    def row(values: list[str]) -> str:
+        return " ".join(format(v, spec) for v, (_, spec) in zip(values, columns, strict=True))
+
+    head = row([name for name, _ in columns])
     lines = [head, "-" * len(head)]
     by_key = {(r.mode, r.conc, r.target): r for r in results}
     for r in results:
@@ -259,12 +286,24 @@ def render(results: list[Result], rate: float) -> str:
             added50 = r.paced["p50_ms"] - direct.paced["p50_ms"]
             added99 = r.paced["p99_ms"] - direct.paced["p99_ms"]
         w, p = r.wrk, r.paced
-        lines.append(
-            f"{r.mode:<7} {r.conc:>4} {r.target:<8} | {w['rps']:>9.0f} {w['p50_ms']:>7.2f} "
-            f"{w['p99_ms']:>7.2f} {w['errors'] + w['non_2xx']:>4} | {p['p50_ms']:>11.2f} "
-            f"{p['p99_ms']:>6.2f} {fmt(added50, '+.2f'):>9} {fmt(added99, '+.2f'):>9} "
-            f"{p['errors'] + p['non_2xx']:>4}"
-        )
+        values = [
+            r.mode,
+            str(r.conc),
+            r.target,
+            "|",
+            f"{w['rps']:.0f}",
+            f"{w['cpu_us_per_req']:.0f}",
+            f"{w['p50_ms']:.2f}",
+            f"{w['p99_ms']:.2f}",
+            str(w["errors"] + w["non_2xx"]),
+            "|",
+            f"{p['p50_ms']:.2f}",
+            f"{p['p99_ms']:.2f}",
+            fmt(added50, "+.2f"),
+            fmt(added99, "+.2f"),
+            str(p["errors"] + p["non_2xx"]),
+        ]
+        lines.append(row(values))
         if r.target == "sidecar":
             lines.append("")
     return "\n".join(lines)
@@ -339,6 +378,7 @@ def main() -> int:
         for p in procs:
             wait_listening(p)
         ports = {"direct": up_port, "bare": bare_port, "sidecar": side_port}
+        by_target = {"direct": upstream, "bare": bare, "sidecar": sidecar}
         models = {"direct": "gpt-4o-mini", "bare": "gpt-4o-mini", "sidecar": "bench"}
 
         results: list[Result] = []
@@ -359,13 +399,17 @@ def main() -> int:
                     body_file, script = files[target]
                     print(f"  {mode:<6} c={conc:<3} {target:<8} ...", file=sys.stderr, flush=True)
                     r = Result(mode, conc, target)
+                    served_by = by_target[target]
+                    cpu_before = served_by.cpu_seconds()
                     r.wrk = run_wrk(ports[target], script, conc, args.duration, load_cpu)
+                    cpu = served_by.cpu_seconds() - cpu_before
+                    r.wrk["cpu_us_per_req"] = cpu / max(1, r.wrk["requests"]) * 1e6
                     r.paced = run_paced(
                         ports[target], body_file, conc, args.rate, args.paced_duration, load_cpu
                     )
                     results.append(r)
 
-        rss = {p.name: p.rss_mb() for p in procs}
+        memory = {p.name: p.memory_mb() for p in procs}
         elapsed = time.monotonic() - t0
         print()
         print(
@@ -378,22 +422,29 @@ def main() -> int:
         for mode in args.modes:
             for conc in args.concurrency:
                 cell = {r.target: r for r in results if r.mode == mode and r.conc == conc}
-                s, b = cell["sidecar"].wrk["rps"], cell["bare"].wrk["rps"]
+                s, b = cell["sidecar"].wrk, cell["bare"].wrk
+                s_core = 1e6 / s["cpu_us_per_req"]
+                b_core = 1e6 / b["cpu_us_per_req"]
                 print(
-                    f"{mode:<6} c={conc:<3} sidecar throughput = {s / b:.0%} of the bare proxy "
-                    f"({s:.0f} vs {b:.0f} req/s)"
+                    f"{mode:<6} c={conc:<3} sidecar = {s['rps'] / b['rps']:.0%} of the bare "
+                    f"proxy's measured req/s ({s['rps']:.0f} vs {b['rps']:.0f}); by CPU per "
+                    f"request, one core serves {s_core:.0f} vs {b_core:.0f} req/s "
+                    f"({s_core / b_core:.0%})"
                 )
         print()
         for name in ("sidecar", "bare", "upstream"):
-            now, peak = rss[name]
-            print(f"RSS after load  {name:<8} {now:6.1f} MB  (peak {peak:.1f} MB)")
+            m = memory[name]
+            print(
+                f"memory after load  {name:<8} RSS {m['VmRSS']:5.1f} MB  (own/anonymous "
+                f"{m['RssAnon']:5.1f} MB, peak RSS {m['VmHWM']:5.1f} MB)"
+            )
         print(f"\nwhole run: {elapsed:.0f}s")
         if args.json:
             args.json.write_text(
                 json.dumps(
                     {
                         "results": [r.__dict__ for r in results],
-                        "rss_mb": {k: {"rss": v[0], "peak": v[1]} for k, v in rss.items()},
+                        "memory_mb": memory,
                         "rate": args.rate,
                     },
                     indent=2,

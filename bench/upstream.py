@@ -2,10 +2,11 @@
 
 It answers `POST /v1/chat/completions` with OpenAI's `chat.completion` JSON, or, when the body
 asks for `"stream": true`, with a `chat.completion.chunk` SSE stream (chunked transfer encoding,
-a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`). The frames are
-shaped like `modelplane_sidecar.standins.openai`'s, but the server does only what the benchmark
-needs, so it stays far from being the bottleneck (tens of thousands of requests per second on
-one core, against a few thousand for the proxies it feeds).
+a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`), one write per
+frame as a model server streams tokens. The frames are shaped like those of
+`modelplane_sidecar.standins.openai`, but the server does only what the benchmark needs, so it
+stays far from being the bottleneck (tens of thousands of requests per second on one core,
+against a few thousand for the proxies it feeds).
 
 Run: python bench/upstream.py --port 18001
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -100,10 +102,11 @@ def stream_frames(body: dict[str, Any], ident: str) -> list[bytes]:
     return frames
 
 
-def _chunked(frames: list[bytes]) -> bytes:
+def _chunked(frames: list[bytes]) -> list[bytes]:
+    """One HTTP chunk per SSE frame; the last item also ends the body."""
     out = [b"%x\r\n%s\r\n" % (len(f), f) for f in frames]
-    out.append(b"0\r\n\r\n")
-    return b"".join(out)
+    out[-1] += b"0\r\n\r\n"
+    return out
 
 
 def _simple(status: str, body: bytes, close: bool = False) -> bytes:
@@ -127,13 +130,18 @@ class Upstream(asyncio.Protocol):
     def __init__(self) -> None:
         self._buf = b""
         self._transport: asyncio.Transport | None = None
+        #: A stream is being written: the next request waits until it is done.
+        self._streaming = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        while self._buf:
+        self._serve_buffered()
+
+    def _serve_buffered(self) -> None:
+        while self._buf and not self._streaming:
             head_end = self._buf.find(b"\r\n\r\n")
             if head_end < 0:
                 if len(self._buf) > MAX_REQUEST:
@@ -175,9 +183,26 @@ class Upstream(asyncio.Protocol):
         Upstream.counter += 1
         ident = f"chatcmpl-bench{Upstream.counter:x}"
         if body.get("stream"):
-            self._transport.write(_STREAM_HEAD + _chunked(stream_frames(body, ident)))
+            # Like a real model server, each frame goes out in its own write, one event-loop turn
+            # apart (no sleeping), so the proxy sees a stream, not one buffered blob.
+            chunks = _chunked(stream_frames(body, ident))
+            self._transport.write(_STREAM_HEAD + chunks[0])
+            self._streaming = True
+            asyncio.get_running_loop().call_soon(self._send_next, iter(chunks[1:]))
         else:
             self._transport.write(_simple("200 OK", completion(body, ident)))
+
+    def _send_next(self, rest: Iterator[bytes]) -> None:
+        assert self._transport is not None
+        chunk = next(rest, None)
+        if self._transport.is_closing():
+            return
+        if chunk is None:
+            self._streaming = False
+            self._serve_buffered()
+            return
+        self._transport.write(chunk)
+        asyncio.get_running_loop().call_soon(self._send_next, rest)
 
     def _fail(self, status: str, message: str) -> None:
         assert self._transport is not None
