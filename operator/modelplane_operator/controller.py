@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .budget.ledger import BudgetLedger, Threshold
+from .budget.service import BudgetService
 from .compile import (
     CompiledNamespace,
     NamespaceInputs,
@@ -26,15 +28,17 @@ from .compile import (
     decode_secret,
     wire_config,
 )
-from .crd_models import API_VERSION, GROUP, KINDS, MODEL_ENDPOINT, VERSION, Kind
+from .crd_models import API_VERSION, BUDGET, GROUP, KINDS, MODEL_ENDPOINT, VERSION, Kind
 from .distribution.hub import ConfigHub, SidecarCounts
 from .kube import KubeClient, KubeError
 from .metrics import OperatorMetrics
+from .selfhosted.tracker import SelfHosted, referenced_service
 
 log = logging.getLogger("modelplane.operator")
 
 READY = "Ready"
 APPLIED = "Applied"
+THRESHOLD_REACHED = "ThresholdReached"
 _READY_FIELDS = ("status", "reason", "message")
 
 
@@ -50,10 +54,25 @@ def _now() -> str:
 
 
 def _relevant(body: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What of an object the compiler reads; a status-only update changes none of it."""
+    """What of an object the compiler reads; a status-only update changes none of it.
+
+    A Budget's spend comes from the operator's own books (`BudgetService`), which ask for a
+    recompile when a budget's mode changes, so its status writes do not trigger one.
+    """
     meta = body.get("metadata", {})
-    spent = (body.get("status") or {}).get("spentUSD")
-    return (meta.get("generation"), meta.get("creationTimestamp"), spent)
+    return (meta.get("generation"), meta.get("creationTimestamp"))
+
+
+def threshold_condition(ledger: BudgetLedger) -> tuple[str, str, str]:
+    """(status, reason, message) of a Budget's ThresholdReached condition."""
+    passed = ledger.reached()
+    share = f"{ledger.percent_spent():.2f}% of ${ledger.terms.limit:g} spent"
+    period = f"in the {ledger.terms.period.value} period from {ledger.epoch}"
+    if not passed:
+        return "False", "BelowThresholds", f"{share} {period}"
+    top = passed[-1]
+    reason = "Block" if top.blocks else top.action.value.capitalize()
+    return "True", reason, f"{share} {period} (threshold {top.percent}%: {top.action.value})"
 
 
 def applied_condition(
@@ -82,10 +101,15 @@ class Controller:
         hub: ConfigHub,
         debounce_seconds: float = 0.2,
         applied_interval_seconds: float = 1.0,
+        budgets: BudgetService | None = None,
         metrics: OperatorMetrics | None = None,
     ) -> None:
         self._kube = kube
         self._hub = hub
+        self.budgets = budgets or BudgetService()
+        self.budgets.persist = self.write_budget_status
+        self.budgets.mode_changed = self.schedule
+        self.budgets.threshold_passed = self._threshold_passed
         self._metrics = metrics
         self._debounce = debounce_seconds
         self._applied_interval = applied_interval_seconds
@@ -95,7 +119,10 @@ class Controller:
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._applied_pending: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._events: set[asyncio.Task[None]] = set()
         self._kinds = {k.kind: k for k in KINDS}
+        #: EndpointSlices of referenced Services, template Deployments, the shared load scrape.
+        self.selfhosted = SelfHosted(kube, hub)
         hub.on_change = self.sidecars_changed
 
     # --- what the handlers call ------------------------------------------------------------
@@ -121,6 +148,21 @@ class Controller:
             if ref.get("name") == name:
                 self.schedule(namespace)
                 return
+
+    def slice_changed(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """An EndpointSlice changed: recompile the namespaces whose endpoints use its Service."""
+        service = self.selfhosted.observe_slice(event_type, body)
+        if service is None:
+            return
+        for key, obj in list(self._objects.items()):
+            if key.kind == MODEL_ENDPOINT.kind and referenced_service(obj) == service:
+                self.schedule(key.namespace)
+
+    def deployment_changed(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A Deployment the operator runs for a template changed: refresh its endpoint's status."""
+        owner = self.selfhosted.observe_deployment(event_type, body)
+        if owner is not None and ObjectKey(MODEL_ENDPOINT.kind, *owner) in self._objects:
+            self.schedule(owner[0])
 
     def sidecars_changed(self, namespace: str) -> None:
         """Called by the hub on connect, disconnect, ACK and NACK: refresh Applied, throttled."""
@@ -174,12 +216,26 @@ class Controller:
             secret = await self._kube.get_secret(namespace, name)
             if secret is not None:
                 secrets[name] = decode_secret(secret)
+        self.budgets.sync(
+            namespace,
+            [
+                body
+                for key, body in self._objects.items()
+                if key.namespace == namespace and key.kind == BUDGET.kind
+            ],
+        )
         return NamespaceInputs(
             namespace,
             endpoints=by_kind["ModelEndpoint"],
             policies=by_kind["RoutingPolicy"],
             budgets=by_kind["Budget"],
             secrets=secrets,
+            slices=self.selfhosted.slices_for(
+                body
+                for key, body in self._objects.items()
+                if key.namespace == namespace and key.kind == MODEL_ENDPOINT.kind
+            ),
+            spent=self.budgets.spent(namespace),
         )
 
     async def reconcile(self, namespace: str) -> CompiledNamespace | None:
@@ -210,6 +266,18 @@ class Controller:
                     extra={"namespace": namespace, "version": compiled.version},
                 )
             self._compiled[namespace] = compiled
+            self.selfhosted.published(namespace, config)
+            try:
+                await self.selfhosted.ensure_workloads(
+                    namespace,
+                    [
+                        body
+                        for key, body in self._objects.items()
+                        if key.namespace == namespace and key.kind == MODEL_ENDPOINT.kind
+                    ],
+                )
+            except (KubeError, OSError, TimeoutError):
+                self._retry_later(namespace)
             if not inputs.endpoints and not inputs.policies and not inputs.budgets:
                 self._compiled.pop(namespace, None)
             await self._write_statuses(compiled)
@@ -239,6 +307,16 @@ class Controller:
             verdict.message or ("compiled" if verdict.ready else ""),
         )
         conditions = [self._condition(READY, *ready, verdict.generation, old_conditions)]
+        ledger = self.budgets.ledger(key.namespace, key.name) if key.kind == "Budget" else None
+        if ledger is not None:
+            conditions.append(
+                self._condition(
+                    THRESHOLD_REACHED,
+                    *threshold_condition(ledger),
+                    verdict.generation,
+                    old_conditions,
+                )
+            )
         if key.kind != "Budget":
             applied = applied_condition(verdict.in_config, compiled.version, counts)
             conditions.append(
@@ -248,6 +326,13 @@ class Controller:
             "observedGeneration": verdict.generation,
             "conditions": conditions,
         }
+        status.update(verdict.status)
+        if key.kind == MODEL_ENDPOINT.kind:
+            served = self.selfhosted.workload_status(key.namespace, body)
+            if served is not None:
+                status["workload"] = served
+        if ledger is not None:
+            status.update(ledger.status())
         if key.kind != "Budget":
             status["configVersion"] = compiled.version if verdict.in_config else None
             status["sidecars"] = {
@@ -303,6 +388,51 @@ class Controller:
             self._written[key] = comparable
             await self._ready_event(key, status, previous)
 
+    async def write_budget_status(self, namespace: str, name: str) -> None:
+        """Write one Budget's status now; raises when the API server did not take it.
+
+        The budget books call this before they send a spend lease (write-ahead).
+        """
+        key = ObjectKey(BUDGET.kind, namespace, name)
+        async with self._lock(namespace):
+            compiled = self._compiled.get(namespace)
+            status = self._status_for(key, compiled) if compiled is not None else None
+            if status is None:
+                raise KubeError(409, f"Budget {namespace}/{name} is not reconciled yet")
+            comparable = _without_times(status)
+            if self._written.get(key) == comparable:
+                return
+            previous = self._written.get(key) or self._objects[key].get("status")
+            await self._kube.patch_status(GROUP, VERSION, BUDGET.plural, namespace, name, status)
+            self._written[key] = comparable
+            await self._ready_event(key, status, previous)
+
+    def _threshold_passed(
+        self, namespace: str, name: str, threshold: Threshold, ledger: BudgetLedger
+    ) -> None:
+        body = self._objects.get(ObjectKey(BUDGET.kind, namespace, name))
+        if body is None:
+            return
+        involved = {
+            "apiVersion": API_VERSION,
+            "kind": BUDGET.kind,
+            "namespace": namespace,
+            "name": name,
+            "uid": str(body.get("metadata", {}).get("uid", "")),
+        }
+        _, _, message = threshold_condition(ledger)
+        message = f"Budget {name!r}: {message}"
+
+        async def post() -> None:
+            try:
+                await self._kube.post_event(involved, "Warning", "BudgetThresholdReached", message)
+            except (KubeError, OSError, TimeoutError) as exc:
+                log.warning("event for Budget %s/%s: %s", namespace, name, exc)
+
+        task = asyncio.get_running_loop().create_task(post())
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
     async def _ready_event(
         self, key: ObjectKey, status: Mapping[str, Any], previous: Mapping[str, Any] | None
     ) -> None:
@@ -331,7 +461,8 @@ class Controller:
             log.warning("event for %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
 
     async def close(self) -> None:
-        tasks = [*self._pending.values(), *self._applied_pending.values()]
+        await self.selfhosted.close()
+        tasks = [*self._pending.values(), *self._applied_pending.values(), *self._events]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import kopf
 
+from .budget.service import BudgetMetrics, BudgetService
 from .controller import Controller
 from .distribution.auth import Authenticator
 from .distribution.hub import ConfigHub
@@ -63,8 +64,11 @@ async def run_operator(options: OperatorOptions) -> int:
     # One registry: /metrics on the stream port and on the webhook port serve the same series.
     metrics = OperatorMetrics()
     hub = ConfigHub(metrics=metrics)
-    controller = Controller(kube, hub, options.debounce_seconds, metrics=metrics)
+    budgets = BudgetService(metrics=BudgetMetrics(metrics.registry))
+    controller = Controller(kube, hub, options.debounce_seconds, metrics=metrics, budgets=budgets)
     stream = StreamServer(hub, Authenticator(kube.token_review, options.audience), metrics)
+    stream.budgets = budgets
+    budgets.start()
     tls: ManagedTLS | None = None
     webhook: RunningWebhook | None = None
     if options.certificates is not None:
@@ -94,6 +98,7 @@ async def run_operator(options: OperatorOptions) -> int:
         )
     finally:
         await controller.close()
+        await budgets.close()
         await stream.stop()
         if webhook is not None:
             await webhook.stop()

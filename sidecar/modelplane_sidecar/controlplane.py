@@ -34,6 +34,7 @@ from .config import ConfigError, RouterConfig, parse_config
 from .metrics import SidecarMetrics, SyncState
 from .pool import LOAD, apply_load_message
 from .server import HOLDER_KEY, ConfigHolder, create_app, serve_app
+from .spend import LEASE, SPEND_FEATURE, SpendTracker
 
 log = logging.getLogger("modelplane.sidecar.controlplane")
 
@@ -45,6 +46,8 @@ HELLO, CONFIG, ACK, NACK = "hello", "config", "ack", "nack"
 MAX_NACK_ERROR = 2000
 
 _STATE_FILE = "config.json"
+#: How often settled spend is reported when nothing else is sent (spend.py, docs/budgets.md).
+SPEND_FLUSH_SECONDS = 1.0
 
 
 def hello(node: str, version: str | None) -> dict[str, Any]:
@@ -139,6 +142,7 @@ class ControlPlaneClient:
         state: LastKnownGood | None = None,
         node: str = "",
         backoff: Backoff | None = None,
+        spend: SpendTracker | None = None,
         metrics: SidecarMetrics | None = None,
     ) -> None:
         self._url = url.rstrip("/") + STREAM_PATH if not url.endswith(STREAM_PATH) else url
@@ -148,6 +152,10 @@ class ControlPlaneClient:
         self._state = state
         self._node = node or os.uname().nodename
         self._backoff = backoff or Backoff()
+        #: Budget leases: usage goes up this stream, grants come down it.
+        self._spend = spend
+        self._outbox: asyncio.Queue[dict[str, Any]] | None = None
+        self._link: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -178,9 +186,16 @@ class ControlPlaneClient:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="control-plane")
 
     async def stop(self) -> None:
+        if self._spend is not None and self._spend.connected and self._outbox is not None:
+            # Give back idle leases so the operator need not count them as spent.
+            self._spend.release_all()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._outbox.join()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._unlink_spend()
 
     async def run(self) -> None:
         """Connect, stream, reconnect with backoff; until cancelled."""
@@ -198,6 +213,7 @@ class ControlPlaneClient:
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     log.warning("control plane unreachable: %s", exc or type(exc).__name__)
                     got_config = False
+                await self._unlink_spend()
                 self.connected.clear()
                 self._sync(SyncState.CONNECTING)
                 attempt = 0 if got_config else attempt + 1
@@ -216,7 +232,12 @@ class ControlPlaneClient:
         except aiohttp.WSServerHandshakeError as exc:
             raise StreamRefused(f"HTTP {exc.status}: {exc.message}") from None
         async with ws:
-            await ws.send_str(orjson.dumps(hello(self._node, self._serving_version)).decode())
+            greeting = hello(self._node, self._serving_version)
+            if self._spend is not None:
+                greeting["features"] = [SPEND_FEATURE]
+                greeting["holder"] = self._spend.holder
+            await ws.send_str(orjson.dumps(greeting).decode())
+            self._link = self._link_spend(ws)
             self.connected.set()
             # The operator pushes only when this sidecar runs another version than its own.
             self._sync(SyncState.SYNCED)
@@ -235,6 +256,11 @@ class ControlPlaneClient:
                     if snapshot is not None:
                         apply_load_message(snapshot.pools(), data)
                     continue
+                if isinstance(data, dict) and data.get("type") == LEASE:
+                    if self._spend is not None:
+                        self._spend.on_lease(data)
+                        self._spend_gauges()
+                    continue
                 if isinstance(data, dict) and data.get("type") == CONFIG:
                     reply = await self._apply(data)
                     delivered = delivered or reply["type"] == ACK
@@ -245,6 +271,53 @@ class ControlPlaneClient:
     def _sync(self, state: SyncState) -> None:
         if self._metrics is not None:
             self._metrics.set_sync_state(state)
+
+    def _link_spend(self, ws: aiohttp.ClientWebSocketResponse) -> asyncio.Task[None] | None:
+        """Attach the spend tracker to this connection (it resynchronises at once)."""
+        if self._spend is None:
+            return None
+        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._outbox = outbox
+        self._spend.attach(outbox.put_nowait)
+        return asyncio.get_running_loop().create_task(self._send_spend(ws, outbox))
+
+    async def _send_spend(
+        self, ws: aiohttp.ClientWebSocketResponse, outbox: asyncio.Queue[dict[str, Any]]
+    ) -> None:
+        """Send the tracker's messages in order; report settled spend every second."""
+        assert self._spend is not None
+        loop = asyncio.get_running_loop()
+        flush_at = loop.time() + SPEND_FLUSH_SECONDS
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, flush_at - loop.time())):
+                    message = await outbox.get()
+            except TimeoutError:
+                self._spend.flush()
+                self._spend_gauges()
+                flush_at = loop.time() + SPEND_FLUSH_SECONDS
+                continue
+            try:
+                await ws.send_str(orjson.dumps(message).decode())
+            finally:
+                outbox.task_done()
+
+    async def _unlink_spend(self) -> None:
+        """The connection ended: stop sending, and reserve nothing more until it is back."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.cancel()
+            await asyncio.gather(link, return_exceptions=True)
+        if self._spend is not None:
+            self._spend.detach()
+
+    def _spend_gauges(self) -> None:
+        if self._metrics is None or self._spend is None:
+            return
+        for name, lease in self._spend.leases().items():
+            self._metrics.budget_lease.labels(name).set(max(0.0, lease.available))
+            if lease.remaining is not None:
+                self._metrics.budget_remaining.labels(name).set(lease.remaining)
 
     async def _apply(self, message: dict[str, Any]) -> dict[str, Any]:
         version = message.get("version")
@@ -291,7 +364,8 @@ async def serve_control_plane(
     """Run the sidecar with its config from the operator's stream until SIGINT/SIGTERM."""
     metrics = SidecarMetrics()
     metrics.set_sync_state(SyncState.CONNECTING)
-    app = create_app(None, metrics, open_trail(audit, metrics) if audit else None)
+    spend = SpendTracker(node, on_settle=metrics.budget_settled)
+    app = create_app(None, metrics, open_trail(audit, metrics) if audit else None, spend)
     state = LastKnownGood(state_dir) if state_dir is not None else None
     if state is None:
         log.warning("no --state-dir: configs are not kept across a restart of the sidecar")
@@ -303,6 +377,7 @@ async def serve_control_plane(
         state=state,
         node=node,
         metrics=metrics,
+        spend=spend,
     )
     if client.restore():
         log.info("serving the last-known-good config until the control plane answers")

@@ -37,6 +37,7 @@ from .providers.base import (
 )
 from .routing import RouteDecision, RoutedRequest
 from .runtime import EndpointRuntime, Snapshot
+from .spend import BudgetRefusal, Hold, SpendTracker, plan_call
 
 _RETRY_CLASS = {
     FailureKind.CONNECT: RetryOn.CONNECT,
@@ -51,6 +52,15 @@ _UNHEALTHY = {
     FailureKind.TIMEOUT,
     FailureKind.SERVER_ERROR,
     FailureKind.PROTOCOL,
+}
+
+#: Failures of calls the upstream never worked on (their reservation is released).
+_NOTHING_BILLED = {
+    FailureKind.UNSUPPORTED,
+    FailureKind.CONTEXT_LENGTH,
+    FailureKind.CONTENT_POLICY,
+    FailureKind.CLIENT_ERROR,
+    FailureKind.RATE_LIMIT,
 }
 
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
@@ -131,6 +141,10 @@ class Exchange:
     attempts: list[AttemptRecord] = field(default_factory=list)
     #: Set once the request's metrics and audit record are written.
     finished: bool = False
+    #: The current attempt's budget reservation (spend.py), settled when the attempt ends.
+    hold: Hold | None = None
+    #: Why an endpoint was skipped for lack of budget (the 429 when nothing else could serve).
+    budget_refusal: BudgetRefusal | None = None
     #: Replicas of self-hosted endpoints that failed this request (retries go elsewhere).
     failed_replicas: set[str] = field(default_factory=set)
 
@@ -157,8 +171,10 @@ class Forwarder:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         audit: AuditTrail | None = None,
+        spend: SpendTracker | None = None,
     ) -> None:
         self._session = session
+        self._spend = spend
         self._metrics = metrics
         self._sleep = sleep
         self._jitter = jitter
@@ -215,6 +231,8 @@ class Forwarder:
                 if remaining <= 0:
                     deadline_hit = True
                     break
+                if not await self._reserve(ex, endpoint):
+                    break
                 attempts += 1
                 try:
                     if ex.request.stream:
@@ -222,6 +240,7 @@ class Forwarder:
                     else:
                         translated = await self._call(ex, endpoint, remaining)
                 except UpstreamFailure as failure:
+                    self._unhold(ex, failure)
                     failure.message = ex.snapshot.redact(failure.message.encode()).decode()
                     provider = endpoint.config.provider.value
                     self._metrics.attempts.labels(endpoint.name, provider, failure.kind).inc()
@@ -524,6 +543,8 @@ class Forwarder:
     ) -> None:
         """The one place a forwarded request is accounted: metrics, then its audit record."""
         ex.finished = True
+        if ex.hold is not None:
+            self._settle(ex, endpoint, usage)
         elapsed = time.perf_counter() - ex.received_at
         model = ex.decision.alias.name
         rule = ex.decision.rule
@@ -600,7 +621,72 @@ class Forwarder:
             )
         return ApiError(status, failure.message, code="upstream_client_error").response(headers)
 
+    async def _reserve(self, ex: Exchange, endpoint: EndpointRuntime) -> bool:
+        """Reserve the call's worst case in the budgets covering the endpoint; False: skip it.
+
+        Enforcing budgets force max_tokens into the request first, so the worst case is known.
+        """
+        if self._spend is None or not ex.snapshot.config.budgets:
+            return True
+        found = ex.decision.trace.found if ex.decision.trace is not None else None
+        plan = plan_call(
+            ex.snapshot.config.budgets,
+            endpoint.config,
+            ex.request.op,
+            ex.request.body,
+            found.text if found is not None else None,
+        )
+        if plan is None:
+            return True
+        ex.request.body = plan.body
+        try:
+            ex.hold = await self._spend.reserve(plan.budgets, endpoint.name, plan.worst_case)
+        except BudgetRefusal as refusal:
+            ex.budget_refusal = refusal
+            self._metrics.budget_refusals.labels(refusal.budget).inc()
+            ex.attempts.append(
+                AttemptRecord(
+                    endpoint.name, 0, f"skipped: {refusal.message}", result="budget_exhausted"
+                )
+            )
+            return False
+        return True
+
+    def _unhold(self, ex: Exchange, failure: UpstreamFailure) -> None:
+        """An attempt failed: free its reservation, unless the upstream may have billed it."""
+        hold, ex.hold = ex.hold, None
+        if hold is None or self._spend is None:
+            return
+        not_sent = failure.kind is FailureKind.CONNECT and failure.message.startswith(
+            "cannot connect"
+        )
+        if failure.status is not None or failure.kind in _NOTHING_BILLED or not_sent:
+            self._spend.release(hold)
+        else:
+            # A timeout or a broken connection: the provider may have done (and billed) the work.
+            self._spend.settle(hold, None, None)
+
+    def _settle(self, ex: Exchange, endpoint: EndpointRuntime | None, usage: Usage | None) -> None:
+        """The call ended: settle at the reported cost, or keep the whole worst case."""
+        hold, ex.hold = ex.hold, None
+        if hold is None or self._spend is None:
+            return
+        if endpoint is not None and usage is not None and not usage.estimated:
+            self._spend.settle(hold, cost_usd(endpoint, usage), usage)
+        else:
+            self._spend.settle(hold, None, usage)
+
     def _exhausted(self, ex: Exchange, records: list[AttemptRecord], attempts: int) -> ApiError:
+        refusal = ex.budget_refusal
+        if attempts == 0 and refusal is not None:
+            self._finish(ex, Outcome.REFUSED, 429, None, None, error="budget_exhausted")
+            return refusal.error(
+                {
+                    "x-modelplane-rule": ex.decision.rule,
+                    "x-modelplane-budget": refusal.budget,
+                    "x-request-id": ex.request_id,
+                }
+            )
         alias = ex.decision.alias
         failed = [r for r in records if r.kind is not None]
         capacity_only = all(r.kind is FailureKind.RATE_LIMIT for r in failed)

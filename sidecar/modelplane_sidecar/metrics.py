@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from .breaker import BreakerState
 
 if TYPE_CHECKING:
+    from .providers.base import Usage
     from .runtime import Snapshot
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -232,6 +233,37 @@ class SidecarMetrics:
             ["budget"],
             registry=r,
         )
+        self.budget_spend = Counter(
+            "modelplane_budget_spend_usd",
+            "Spend settled against each budget, by endpoint (a call whose cost is unknown, e.g. "
+            "a timeout, is charged its worst case).",
+            ["budget", "endpoint"],
+            registry=r,
+        )
+        self.budget_tokens = Counter(
+            "modelplane_budget_tokens",
+            "Tokens of the calls settled against each budget, by endpoint and direction.",
+            ["budget", "endpoint", "direction"],
+            registry=r,
+        )
+        self.budget_refusals = Counter(
+            "modelplane_budget_refusals",
+            "Calls not sent because no spend lease of the budget could cover their worst case.",
+            ["budget"],
+            registry=r,
+        )
+        self.budget_overrun = Counter(
+            "modelplane_budget_overrun_usd",
+            "Actual cost above the reserved worst case (the overspend bound's only term).",
+            ["budget"],
+            registry=r,
+        )
+        self.budget_lease = Gauge(
+            "modelplane_budget_lease_available_usd",
+            "Spend lease this sidecar holds for each budget and has not reserved.",
+            ["budget"],
+            registry=r,
+        )
         self.config_info = Gauge(
             "modelplane_config_info",
             "The config version being served (value is always 1).",
@@ -273,6 +305,18 @@ class SidecarMetrics:
         if series is None:
             series = self._endpoints[(name, provider)] = EndpointSeries(self, name, provider)
         return series
+
+    def budget_settled(
+        self, budget: str, endpoint: str, charged: float, overrun: float, usage: Usage | None
+    ) -> None:
+        """A call settled against `budget` (SpendTracker's on_settle)."""
+        self.budget_spend.labels(budget, endpoint).inc(charged)
+        if overrun > 0:
+            self.budget_overrun.labels(budget).inc(overrun)
+        if usage is not None:
+            tokens = self.budget_tokens
+            tokens.labels(budget, endpoint, "input").inc(usage.input_tokens)
+            tokens.labels(budget, endpoint, "output").inc(usage.output_tokens)
 
     def set_sync_state(self, state: SyncState) -> None:
         for each in SyncState:

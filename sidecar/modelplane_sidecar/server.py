@@ -32,6 +32,7 @@ from .pool import LoadScraper, ReplicaPool
 from .providers.base import Operation
 from .routing import DecisionTrace, RoutedRequest, decide, explain, operation_for, prepare_routing
 from .runtime import Snapshot
+from .spend import SpendTracker
 
 log = logging.getLogger("modelplane.sidecar")
 
@@ -134,11 +135,17 @@ class Sidecar:
     """The aiohttp application and its collaborators, wired once at start."""
 
     def __init__(
-        self, holder: ConfigHolder, metrics: SidecarMetrics, audit: AuditTrail | None = None
+        self,
+        holder: ConfigHolder,
+        metrics: SidecarMetrics,
+        audit: AuditTrail | None = None,
+        spend: SpendTracker | None = None,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.audit = audit
+        #: Budget leases from the operator (None when standalone: budgets are not enforced).
+        self.spend = spend
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
         self._scraper: LoadScraper | None = None
@@ -178,7 +185,7 @@ class Sidecar:
             timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
         )
-        self._forwarder = Forwarder(self._session, self.metrics, audit=self.audit)
+        self._forwarder = Forwarder(self._session, self.metrics, audit=self.audit, spend=self.spend)
         # Self-hosted pools whose load this sidecar reads itself (standalone mode).
         self._scraper = LoadScraper(self._scraped_pools, self._session)
         self._scraper.start()
@@ -419,6 +426,7 @@ def create_app(
     config: RouterConfig | None,
     metrics: SidecarMetrics | None = None,
     audit: AuditTrail | None = None,
+    spend: SpendTracker | None = None,
 ) -> web.Application:
     """An app serving `config` (None: 503 until one is applied); the holder is reachable as
     app[HOLDER_KEY] for reloads. With `audit`, every routed request leaves a record there."""
@@ -426,7 +434,7 @@ def create_app(
     holder = ConfigHolder(metrics)
     if config is not None:
         holder.apply(config, "initial")
-    sidecar = Sidecar(holder, metrics, audit)
+    sidecar = Sidecar(holder, metrics, audit, spend)
     app = sidecar.build_app(_HARD_BODY_LIMIT)
     app[HOLDER_KEY] = holder
     app[SIDECAR_KEY] = sidecar

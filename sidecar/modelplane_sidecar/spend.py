@@ -29,6 +29,7 @@ from typing import Any
 from .config import Endpoint, Provider, SpendBudget
 from .errors import ApiError
 from .providers.base import Operation, Usage
+from .routing.classify.text import RequestText, read_request
 
 log = logging.getLogger("modelplane.sidecar.spend")
 
@@ -86,6 +87,48 @@ def with_max_tokens(
         else "max_tokens"
     )
     return {**body, key: cap}
+
+
+def input_token_bound(text: RequestText) -> int:
+    """An upper bound of the prompt's tokens: every token of a byte-level BPE or SentencePiece
+    tokenizer covers at least one byte of text, plus the estimate for framing, tools and images.
+    """
+    return len(text.full.encode()) + text.overhead_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """What a call to one endpoint reserves: in which budgets, how much, with which body."""
+
+    budgets: list[SpendBudget]
+    worst_case: float
+    body: dict[str, Any]
+
+
+def plan_call(
+    budgets: Sequence[SpendBudget],
+    endpoint: Endpoint,
+    op: Operation,
+    body: dict[str, Any],
+    text: RequestText | None,
+) -> CallPlan | None:
+    """The budgets covering `endpoint` and the call's worst case; None when none covers it.
+
+    When an enforcing budget covers the endpoint and the app set no output limit, the smallest
+    `maxOutputTokens` of those budgets is forced into the body, so the worst case holds.
+    """
+    covering = [b for b in budgets if b.covers(endpoint.name)]
+    if not covering:
+        return None
+    enforcing = [b for b in covering if b.enforce]
+    if not enforcing:
+        return CallPlan(covering, 0.0, body)
+    cap = min(b.max_output_tokens for b in enforcing)
+    body = with_max_tokens(body, op, endpoint.provider, cap)
+    output = 0 if op is Operation.EMBEDDINGS else upstream_max_tokens(body) or cap
+    if text is None:
+        text = read_request(body)
+    return CallPlan(covering, worst_case_usd(endpoint, input_token_bound(text), output), body)
 
 
 def worst_case_usd(endpoint: Endpoint, input_tokens: int, output_tokens: int) -> float:
@@ -182,7 +225,7 @@ class SpendTracker:
         wait_seconds: float = 5.0,
         low_water: float = 0.25,
         idle_return_seconds: float = 30.0,
-        on_settle: Callable[[str, str, float, Usage | None], None] | None = None,
+        on_settle: Callable[[str, str, float, float, Usage | None], None] | None = None,
     ) -> None:
         #: Who this process is on the operator's books: its pod and a per-process id, so a
         #: restarted sidecar never inherits the lease (or the reports) of its previous life.
@@ -411,7 +454,8 @@ class SpendTracker:
                 totals.output_tokens += usage.output_tokens
                 totals.cached_input_tokens += usage.cached_input_tokens
             if self._on_settle is not None:
-                self._on_settle(lease.budget, hold.endpoint, charged, usage)
+                overrun = max(0.0, charged - hold.amount) if lease in hold.leases else 0.0
+                self._on_settle(lease.budget, hold.endpoint, charged, overrun, usage)
         self._dirty = True
         return charged
 

@@ -114,40 +114,40 @@ class BudgetMetrics:
         r = self.registry
         labels = ["namespace", "budget"]
         self.limit = Gauge(
-            "modelplane_budget_limit_usd", "Budget limit per period.", labels, registry=r
+            "modelplane_operator_budget_limit_usd", "Budget limit per period.", labels, registry=r
         )
         self.spent = Gauge(
-            "modelplane_budget_spent_usd",
+            "modelplane_operator_budget_spent_usd",
             "Settled spend in the current period, as the sidecars reported it.",
             labels,
             registry=r,
         )
         self.leased = Gauge(
-            "modelplane_budget_leased_usd",
+            "modelplane_operator_budget_leased_usd",
             "Spend leases granted to sidecars and not yet settled or returned.",
             labels,
             registry=r,
         )
         self.remaining = Gauge(
-            "modelplane_budget_remaining_usd",
+            "modelplane_operator_budget_remaining_usd",
             "Limit minus spent minus leased, for the current period.",
             labels,
             registry=r,
         )
         self.threshold = Gauge(
-            "modelplane_budget_threshold_reached",
+            "modelplane_operator_budget_threshold_reached",
             "1 when the budget's spend has passed the threshold this period, else 0.",
             [*labels, "percent", "action"],
             registry=r,
         )
         self.endpoint_spent = Gauge(
-            "modelplane_budget_endpoint_spent_usd",
+            "modelplane_operator_budget_endpoint_spent_usd",
             "Settled spend in the current period per endpoint in the budget's scope.",
             [*labels, "endpoint"],
             registry=r,
         )
         self.endpoint_tokens = Gauge(
-            "modelplane_budget_endpoint_tokens",
+            "modelplane_operator_budget_endpoint_tokens",
             "Tokens in the current period per endpoint in the budget's scope.",
             [*labels, "endpoint", "direction"],
             registry=r,

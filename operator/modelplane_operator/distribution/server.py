@@ -17,7 +17,9 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelplane_sidecar.controlplane import ACK, HELLO, MAX_NACK_ERROR, NACK, STREAM_PATH
+from modelplane_sidecar.spend import SPEND_FEATURE, USAGE
 
+from ..budget.service import BudgetService, Send, SpendSession
 from ..kube import KubeError
 from ..metrics import OperatorMetrics
 from .auth import Authenticator, AuthError
@@ -48,6 +50,8 @@ class StreamServer:
     ) -> None:
         self.hub = hub
         self.authenticator = authenticator
+        #: The budget books; sidecars that speak the spend protocol report usage to them.
+        self.budgets: BudgetService | None = None
         self.metrics = metrics or OperatorMetrics()
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -124,13 +128,22 @@ class StreamServer:
             session.acked,
         )
         self.hub.connect(session)
+        spend = self._spend_session(identity, node, hello, send)
         try:
+            if spend is not None and self.budgets is not None:
+                await self.budgets.connect(spend)
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
                 data = _decode(msg.data)
-                version = _text(data.get("version"), 64) if data else None
-                if data is None or version is None:
+                if data is None:
+                    continue
+                if data.get("type") == USAGE:
+                    if spend is not None and self.budgets is not None:
+                        await self.budgets.usage(spend, data)
+                    continue
+                version = _text(data.get("version"), 64)
+                if version is None:
                     continue
                 if data.get("type") == ACK:
                     self.hub.answer(session, version, None)
@@ -139,7 +152,26 @@ class StreamServer:
                     self.hub.answer(session, version, error)
         finally:
             self.hub.disconnect(session)
+            if spend is not None and self.budgets is not None:
+                self.budgets.disconnect(spend)
             log.info("sidecar %s in %s disconnected", node, identity.namespace)
+
+    def _spend_session(
+        self, identity: Identity, node: str, hello: dict[str, Any], send: Send
+    ) -> SpendSession | None:
+        """The sidecar's holder id on the budget books: its pod, then its own per-process id.
+
+        The pod part comes from the token review (when it names one), so a sidecar cannot book
+        spend under another pod's name.
+        """
+        features = hello.get("features")
+        if self.budgets is None or not isinstance(features, list) or SPEND_FEATURE not in features:
+            return None
+        claimed = _text(hello.get("holder"), 128) or ""
+        process = claimed.rpartition("/")[2]
+        if not process or not all(c in "0123456789abcdef" for c in process):
+            process = "0"
+        return SpendSession(identity.namespace, f"{node[:90]}/{process[:32]}", send)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         """Listen; returns the bound port (useful with port 0)."""
