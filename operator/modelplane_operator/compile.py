@@ -35,8 +35,10 @@ from .crd_models import (
     Route,
     RoutingPolicySpec,
     Rule,
+    ServiceRef,
     Target,
 )
+from .selfhosted import discovery, workload
 
 #: Reasons written into the Ready condition.
 COMPILED = "Compiled"
@@ -96,6 +98,8 @@ class NamespaceInputs:
     secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     #: Budget name -> settled spend this period from the operator's books (else: its status).
     spent: Mapping[str, float] = field(default_factory=dict)
+    #: (namespace, Service) -> its EndpointSlices, for the Services the endpoints reference.
+    slices: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +112,8 @@ class Verdict:
     generation: int
     #: Whether the object contributes to the namespace's compiled config.
     in_config: bool = False
+    #: Kind-specific status fields (a ModelEndpoint's `replicas`).
+    status: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,12 +193,43 @@ class _Endpoint:
         return frozenset(self.compiled.tags) if self.compiled is not None else frozenset()
 
 
-def _base_url(spec: ModelEndpointSpec, namespace: str) -> str:
+def _service_ref(name: str, spec: ModelEndpointSpec) -> ServiceRef | None:
+    """The Service the endpoint routes to: its serviceRef, or the one its template creates."""
+    if spec.template is not None:
+        return workload.template_service_ref(name, spec.template)
+    return spec.service_ref
+
+
+def _base_url(spec: ModelEndpointSpec, ref: ServiceRef | None, namespace: str) -> str:
     if spec.base_url is not None:
         return spec.base_url
-    assert spec.service_ref is not None
-    ref = spec.service_ref
-    return f"{ref.scheme}://{ref.name}.{namespace}.svc:{ref.port}{ref.path.rstrip('/')}"
+    assert ref is not None
+    host = f"{ref.name}.{ref.namespace or namespace}.svc"
+    return f"{ref.scheme}://{host}:{ref.port}{ref.path.rstrip('/')}"
+
+
+def _self_hosted(
+    spec: ModelEndpointSpec, ref: ServiceRef | None, inputs: NamespaceInputs
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(rc.Endpoint fields, status fields) for a Service-backed endpoint: the ready addresses
+    of its EndpointSlices as replicas, its engine, and metrics read once by the operator."""
+    if ref is None:
+        return {}, {}
+    slices = inputs.slices.get(discovery.service_key(ref, inputs.namespace), ())
+    replicas = discovery.replicas(ref, slices)
+    source = rc.LoadSource.PUSH if ref.engine is not None else rc.LoadSource.OFF
+    metrics = spec.load_metrics
+    load = rc.LoadMetrics(source=source)
+    if metrics is not None:
+        load = rc.LoadMetrics(
+            source=source,
+            path=metrics.path,
+            scrape_interval_seconds=metrics.scrape_interval_seconds,
+            max_age_seconds=metrics.max_age_seconds,
+        )
+    fields: dict[str, Any] = {"engine": ref.engine, "replicas": replicas, "load_metrics": load}
+    ready = sum(1 for r in replicas if r.ready)
+    return fields, {"replicas": {"ready": ready, "total": len(replicas)}}
 
 
 def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
@@ -203,10 +240,15 @@ def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
         spec = ModelEndpointSpec.model_validate(res.spec)
     except ValidationError as exc:
         return fail(INVALID_SPEC, _spec_error(MODEL_ENDPOINT.kind, exc))
-    if (spec.base_url is None) == (spec.service_ref is None):
+    given = [spec.base_url, spec.service_ref, spec.template]
+    if sum(x is not None for x in given) != 1:
         return fail(
-            INVALID_SPEC, "exactly one of spec.baseURL or spec.serviceRef must be set", spec
+            INVALID_SPEC,
+            "exactly one of spec.baseURL, spec.serviceRef or spec.template must be set",
+            spec,
         )
+    service_ref = _service_ref(res.name, spec)
+    self_hosted, status = _self_hosted(spec, service_ref, inputs)
     supported = {p.value for p in rc.Provider}
     if spec.provider.value not in supported:
         return fail(
@@ -259,7 +301,7 @@ def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
         compiled = rc.Endpoint(
             name=res.name,
             provider=rc.Provider(spec.provider.value),
-            base_url=_base_url(spec, inputs.namespace),
+            base_url=_base_url(spec, service_ref, inputs.namespace),
             model=spec.model,
             api_key=api_key,
             timeouts=rc.Timeouts(
@@ -274,13 +316,20 @@ def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
             options=dict(spec.options),
             limits=limits,
             **pricing,
+            **self_hosted,
         )
     except ValidationError as exc:
         detail = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'endpoint'}: {e['msg']}" for e in exc.errors()
         )
         return fail(ENDPOINT_INVALID, f"the sidecar would reject this endpoint: {detail}", spec)
-    verdict = Verdict(True, COMPILED, "", res.generation)
+    verdict = Verdict(True, COMPILED, "", res.generation, status=status)
+    if service_ref is not None:
+        counts = status["replicas"]
+        verdict.message = (
+            f"Service {service_ref.namespace or inputs.namespace}/{service_ref.name}: "
+            f"{counts['ready']} of {counts['total']} replicas ready"
+        )
     return _Endpoint(res, spec, compiled, verdict)
 
 
@@ -352,9 +401,66 @@ def _validation_detail(exc: ValidationError) -> str:
     )
 
 
-def _alias(route: ModelRoute, targets: Sequence[Target], spec: RoutingPolicySpec) -> rc.ModelAlias:
+def _rc_overflow(
+    where: str, route: Route, targets: Sequence[Target], ns: _Namespace, errors: list[str]
+) -> rc.Overflow | None:
+    """The route's overflow with its usable targets; None (and a message) when it has none."""
+    spec = route.overflow
+    if spec is None:
+        return None
+    where = f"{where} overflow"
+    primary = {t.endpoint for t in targets}
+    usable: list[Target] = []
+    for target in spec.targets:
+        ep = ns.endpoints.get(target.endpoint)
+        if target.endpoint in primary:
+            errors.append(f"{where}: {target.endpoint!r} is already a target of the route")
+        elif ep is None:
+            errors.append(f"{where}: ModelEndpoint {target.endpoint!r} not found")
+        elif ep.compiled is None:
+            errors.append(
+                f"{where}: ModelEndpoint {target.endpoint!r} is not ready ({ep.verdict.reason})"
+            )
+        elif target.endpoint not in {t.endpoint for t in usable}:
+            usable.append(target)
+    known = {c.name for c in ns.sensitivity.classes}
+    unknown = [c for c in spec.never_spill or () if c not in known]
+    if unknown:
+        errors.append(
+            f"{where}: neverSpill names {_join(unknown)}, not a data class of the namespace "
+            f"(classes: {_join(sorted(known))}); overflow dropped"
+        )
+        return None
+    if not usable:
+        errors.append(f"{where}: no usable target; overflow dropped")
+        return None
+    try:
+        return rc.Overflow(
+            targets=_rc_targets(usable),
+            max_queue_depth=spec.max_queue_depth,
+            max_predicted_wait_seconds=spec.max_predicted_wait_seconds,
+            never_spill=tuple(spec.never_spill) if spec.never_spill is not None else None,
+            sensitive_wait_seconds=spec.sensitive_wait_seconds,
+        )
+    except ValidationError as exc:
+        errors.append(f"{where}: the sidecar would reject it: {_validation_detail(exc)}")
+        return None
+
+
+def _overflow_endpoints(aliases: Sequence[rc.ModelAlias], rules: Sequence[rc.Rule]) -> set[str]:
+    routes = [*(a.overflow for a in aliases), *(r.overflow for r in rules)]
+    return {t.endpoint for o in routes if o is not None for t in o.targets}
+
+
+def _alias(
+    route: ModelRoute,
+    targets: Sequence[Target],
+    spec: RoutingPolicySpec,
+    overflow: rc.Overflow | None = None,
+) -> rc.ModelAlias:
     return rc.ModelAlias(
         name=route.name,
+        overflow=overflow,
         description=route.description,
         strategy=route.strategy,
         targets=_rc_targets(targets),
@@ -456,6 +562,7 @@ def _compile_rule(
             strategy=rule.strategy,
             targets=_rc_targets(targets),
             options=_rc_options(rule),
+            overflow=_rc_overflow(where, rule, targets, ns, errors),
         )
     except ValidationError as exc:
         errors.append(f"{where}: the sidecar would reject it: {_validation_detail(exc)}")
@@ -478,7 +585,7 @@ def _compile_policy(spec: RoutingPolicySpec, ns: _Namespace, policy: str) -> _Po
         if not targets:
             continue
         try:
-            alias = _alias(route, targets, spec)
+            alias = _alias(route, targets, spec, _rc_overflow(where, route, targets, ns, errors))
         except ValidationError as exc:
             errors.append(f"{where}: the sidecar would reject it: {_validation_detail(exc)}")
             continue
@@ -499,6 +606,7 @@ def _compile_policy(spec: RoutingPolicySpec, ns: _Namespace, policy: str) -> _Po
         notes.append("podSelector (every sidecar in the namespace gets this policy)")
     used = {t.endpoint for a in aliases for t in a.route_targets()}
     used |= {t.endpoint for r in rules for t in r.targets}
+    used |= _overflow_endpoints(aliases, rules)
     return _PolicyResult(aliases, rules, used, errors, notes)
 
 
@@ -653,6 +761,7 @@ def compile_namespace(inputs: NamespaceInputs) -> CompiledNamespace:
             )
     used = {t.endpoint for a in aliases for t in a.route_targets()}
     used |= {t.endpoint for r in rules for t in r.targets}
+    used |= _overflow_endpoints(aliases, rules)
 
     for name, ep in endpoints.items():
         v = ep.verdict

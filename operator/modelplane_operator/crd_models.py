@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
-from modelplane_sidecar.config import Detector, RetryOn, Strategy, Tier
+from modelplane_sidecar.config import Detector, Engine, RetryOn, Strategy, Tier
 
 GROUP = "modelplane.io"
 VERSION = "v1alpha1"
@@ -82,14 +82,67 @@ class Credentials(_Spec):
 
 
 class ServiceRef(_Spec):
-    """An in-cluster Service serving an OpenAI-compatible API (vLLM, llama.cpp, TGI...)."""
+    """An in-cluster Service serving an OpenAI-compatible API (vLLM, llama.cpp, TGI...).
+
+    The operator watches the Service's EndpointSlices and ships their ready addresses to the
+    sidecars, which balance across them by load (docs/self-hosted.md).
+    """
 
     name: ObjectName
-    """Service name in the ModelEndpoint's namespace."""
+    """Service name."""
+    namespace: ObjectName | None = None
+    """Namespace of the Service (default: the ModelEndpoint's own; must be one the operator
+    watches)."""
     port: int = Field(ge=1, le=65535)
+    """Service port; also the replicas' port when the EndpointSlices list several ports and none
+    is named portName."""
+    port_name: str | None = Field(default=None, max_length=63)
+    """Name of the port in the EndpointSlices (default: their only port, else the one numbered
+    `port`)."""
     scheme: str = Field(default="http", pattern=r"^https?$")
     path: str = Field(default="/v1", max_length=253, pattern=r"^/[A-Za-z0-9._~/-]*$")
     """URL path prefix of the API on the Service."""
+    engine: Engine | None = None
+    """Model server (vllm, sglang, tgi, llamacpp): its Prometheus queue and KV-cache metrics
+    drive replica choice. Unset: replicas are balanced by outstanding requests only."""
+
+
+class LoadMetricsSpec(_Spec):
+    """How the operator reads the replicas' Prometheus metrics (once, for every sidecar)."""
+
+    path: str = Field(default="/metrics", max_length=253, pattern=r"^/[A-Za-z0-9._~/-]*$")
+    scrape_interval_seconds: float = Field(default=2.0, ge=0.2, le=300)
+    """Seconds between two scrapes of one replica."""
+    max_age_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """Readings older than this are ignored by the sidecars."""
+
+
+class Toleration(_Spec):
+    key: str | None = Field(default=None, max_length=317)
+    operator: str | None = Field(default=None, pattern=r"^(Exists|Equal)$")
+    value: str | None = Field(default=None, max_length=63)
+    effect: str | None = Field(default=None, pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$")
+    toleration_seconds: int | None = None
+
+
+class ServerTemplate(_Spec):
+    """A vLLM server the operator creates (Deployment + Service, owned by this ModelEndpoint)."""
+
+    image: str = Field(default="vllm/vllm-openai:v0.11.0", min_length=1, max_length=1024)
+    model: str | None = Field(default=None, max_length=253)
+    """Model vLLM loads (Hugging Face id or path); default: spec.model."""
+    gpus: int = Field(default=1, ge=0, le=64)
+    """nvidia.com/gpu limit per replica (also vLLM's --tensor-parallel-size when above 1)."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    port: int = Field(default=8000, ge=1, le=65535)
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64)
+    """Extra vLLM arguments, e.g. --max-model-len=8192."""
+    env_from_secret: ObjectName | None = None
+    """A Secret whose keys become the server's environment (e.g. HF_TOKEN)."""
 
 
 class EndpointPricing(_Spec):
@@ -122,12 +175,14 @@ class ModelEndpointSpec(_Spec):
 
     model_config = _cel(
         (
-            "has(self.baseURL) != has(self.serviceRef)",
-            "exactly one of baseURL or serviceRef must be set",
+            "(has(self.baseURL) ? 1 : 0) + (has(self.serviceRef) ? 1 : 0)"
+            " + (has(self.template) ? 1 : 0) == 1",
+            "exactly one of baseURL, serviceRef or template must be set",
         ),
         (
-            "!has(self.serviceRef) || self.provider == 'openai-compatible'",
-            "serviceRef needs provider openai-compatible",
+            "(!has(self.serviceRef) && !has(self.template))"
+            " || self.provider == 'openai-compatible'",
+            "serviceRef and template need provider openai-compatible",
         ),
     )
 
@@ -141,6 +196,10 @@ class ModelEndpointSpec(_Spec):
     """Base URL of the API, e.g. https://api.openai.com/v1."""
     service_ref: ServiceRef | None = None
     """In-cluster Service instead of a base URL."""
+    template: ServerTemplate | None = None
+    """Let the operator run the model server (vLLM) instead of naming one."""
+    load_metrics: LoadMetricsSpec | None = None
+    """serviceRef/template with an engine: how its metrics are read."""
     credentials: Credentials | None = None
     region: Tag | None = None
     """Where the model runs, e.g. eu-west-1."""
@@ -236,6 +295,28 @@ _TARGET_SET_RULES = _cel(
 Targets = Annotated[list[Target], Field(min_length=1, max_length=32)]
 
 
+class OverflowSpec(_Spec):
+    """Self-hosted first: spill to these targets only while the route's own are saturated."""
+
+    model_config = _cel(
+        (
+            "has(self.maxQueueDepth) || has(self.maxPredictedWaitSeconds)",
+            "overflow needs maxQueueDepth or maxPredictedWaitSeconds",
+        ),
+    )
+
+    targets: Targets
+    """Endpoints that take the spill (e.g. a cloud model), in order."""
+    max_queue_depth: float | None = Field(default=None, ge=0)
+    """Saturated when even the least-loaded ready replica has more requests queued."""
+    max_predicted_wait_seconds: float | None = Field(default=None, gt=0, le=3600)
+    """Saturated when the predicted wait for a slot on the least-loaded replica is longer."""
+    never_spill: list[Tag] | None = Field(default=None, max_length=16)
+    """Data classes that never spill (default: every class with allowedTags)."""
+    sensitive_wait_seconds: float = Field(default=5.0, ge=0, le=300)
+    """How long a never-spill request waits for capacity before it fails with 503."""
+
+
 class Route(_Spec):
     """A target set and how one endpoint is picked from it."""
 
@@ -245,6 +326,7 @@ class Route(_Spec):
     """Endpoints in order (for priority: the fallback chain)."""
     strategy: Strategy = Strategy.PRIORITY
     options: StrategyOptions | None = None
+    overflow: OverflowSpec | None = None
 
 
 class ModelRoute(Route):
@@ -523,6 +605,29 @@ class SpendLease(_Spec):
     endpoints: list[EndpointSpend] = Field(default_factory=list, max_length=256)
 
 
+class ReplicaCounts(_Spec):
+    """Addresses of a serviceRef's EndpointSlices, as shipped to the sidecars."""
+
+    ready: int = 0
+    total: int = 0
+
+
+class WorkloadStatus(_Spec):
+    """The model server the operator runs for spec.template."""
+
+    deployment: str = Field(max_length=253)
+    service: str = Field(max_length=253)
+    replicas: int = 0
+    """Desired replicas."""
+    ready_replicas: int = 0
+    message: str = Field(default="", max_length=1024)
+
+
+class ModelEndpointStatus(ResourceStatus):
+    replicas: ReplicaCounts | None = None
+    workload: WorkloadStatus | None = None
+
+
 class BudgetStatus(ResourceStatus):
     spent_usd: float | None = Field(default=None, alias="spentUSD")
     """Settled spend of the current period that sidecars reported."""
@@ -586,10 +691,13 @@ MODEL_ENDPOINT = Kind(
     plural="modelendpoints",
     short_names=("mep",),
     spec=ModelEndpointSpec,
-    status=ResourceStatus,
+    status=ModelEndpointStatus,
     columns=(
         PrinterColumn("Provider", ".spec.provider"),
         PrinterColumn("Model", ".spec.model"),
+        PrinterColumn(
+            "Replicas", ".status.replicas.ready", "integer", description="ready replicas"
+        ),
         PrinterColumn("Region", ".spec.region", priority=1),
         _READY,
         _REASON,

@@ -12,6 +12,8 @@ import kopf
 
 from .controller import Controller
 from .crd_models import GROUP, KINDS, VERSION, Kind
+from .selfhosted.discovery import SERVICE_NAME_LABEL
+from .selfhosted.workload import MANAGED_BY, MANAGER
 
 
 def build_registry(
@@ -36,5 +38,21 @@ def build_registry(
     async def on_secret(event: kopf.RawEvent, **_: Any) -> None:
         meta = event["object"].get("metadata", {})
         controller.secret_changed(str(meta.get("namespace")), str(meta.get("name")))
+
+    # Self-hosted models: the EndpointSlices of Services (the controller keeps only those that
+    # ModelEndpoints reference) and the Deployments the operator runs for templates.
+    @kopf.on.event(
+        "discovery.k8s.io",
+        "v1",
+        "endpointslices",
+        registry=registry,
+        labels={SERVICE_NAME_LABEL: kopf.PRESENT},
+    )
+    async def on_endpoint_slice(event: kopf.RawEvent, **_: Any) -> None:
+        controller.slice_changed(event["type"], event["object"])
+
+    @kopf.on.event("apps", "v1", "deployments", registry=registry, labels={MANAGED_BY: MANAGER})
+    async def on_deployment(event: kopf.RawEvent, **_: Any) -> None:
+        controller.deployment_changed(event["type"], event["object"])
 
     return registry

@@ -1,6 +1,7 @@
 """A small async Kubernetes API client for the calls kopf does not make for us.
 
-Status patches on any object, Events, Secrets reads and TokenReviews. It uses the same
+Status patches on any object, Events, Secrets reads, TokenReviews, and server-side apply of the
+model servers the operator runs for ModelEndpoint templates. It uses the same
 credentials as kopf (in-cluster ServiceAccount, else the kubeconfig), found by kopf's own
 piggy-backing login functions, so no `kubernetes` package is needed.
 """
@@ -97,6 +98,15 @@ class KubeClient:
         path = f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status"
         await self.request(
             "PATCH", path, {"status": status}, content_type="application/merge-patch+json"
+        )
+
+    async def apply(self, path: str, body: Mapping[str, Any]) -> Any:
+        """Server-side apply `body` at `path` as field manager `modelplane`."""
+        return await self.request(
+            "PATCH",
+            f"{path}?fieldManager=modelplane&force=true",
+            body,
+            content_type="application/apply-patch+yaml",
         )
 
     async def post_event(

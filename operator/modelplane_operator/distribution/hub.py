@@ -64,6 +64,7 @@ class Session:
         self.inflight: str | None = None
         self.pushed_at = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._notify: asyncio.Task[None] | None = None
         self.closed = False
 
     @property
@@ -90,6 +91,14 @@ class Session:
         except (ConnectionError, RuntimeError) as exc:
             log.info("push to %s failed: %s", self, exc)
             self.closed = True
+
+    def notify(self, message: bytes) -> bool:
+        """Send a message that needs no answer (a load snapshot); skipped while the previous
+        one is still being written, since the next one supersedes it."""
+        if self.closed or (self._notify is not None and not self._notify.done()):
+            return False
+        self._notify = asyncio.get_running_loop().create_task(self._push(message))
+        return True
 
     def answered(self, version: str, error: str | None) -> bool:
         """Record an ACK (error None) or NACK; False when it answers nothing we sent."""
@@ -184,6 +193,13 @@ class ConfigHub:
             session.offer(channel)
         self._changed(namespace)
         return True
+
+    def broadcast(self, namespace: str, message: bytes) -> int:
+        """Send an unversioned message (load snapshots) to the namespace's sidecars."""
+        channel = self._channels.get(namespace)
+        if channel is None:
+            return 0
+        return sum(session.notify(message) for session in channel.sessions)
 
     def connect(self, session: Session) -> None:
         channel = self._channel(session.namespace)
