@@ -186,6 +186,7 @@ def _run(
         route,
         config.budget,
         rng,
+        config.budgets,
     )
     unavailable: ApiError | None = None
     try:

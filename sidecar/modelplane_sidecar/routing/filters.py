@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..breaker import BreakerState
-from ..config import BudgetState, ModelAlias, Tier
+from ..config import BudgetMode, BudgetState, ModelAlias, SpendBudget, Tier
 from ..errors import ApiError
 from ..providers.base import Operation
 from ..runtime import EndpointRuntime
@@ -60,6 +60,8 @@ class RouteContext:
     route: Route
     budget: BudgetState
     rng: random.Random
+    #: The operator's budgets with their mode (scope per endpoint): see `WithinBudget`.
+    budgets: tuple[SpendBudget, ...] = ()
 
 
 class CandidateFilter(Protocol):
@@ -154,6 +156,46 @@ class Compliance:
         )
 
 
+class WithinBudget:
+    """Endpoints in the scope of a budget whose blocking threshold is spent are not tried.
+
+    Endpoints outside its scope still serve, so a route can fall back to them; when none is
+    left the app gets a 429 naming the budget. (Spend leases refuse calls whose worst case no
+    longer fits even before the mode arrives: see spend.py.)
+    """
+
+    name = "budget"
+
+    def _blocking(self, endpoint: str, ctx: RouteContext) -> SpendBudget | None:
+        for budget in ctx.budgets:
+            if budget.mode is BudgetMode.STOP and budget.covers(endpoint):
+                return budget
+        return None
+
+    def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
+        budget = self._blocking(candidate.name, ctx)
+        if budget is None:
+            return None
+        return f"budget {budget.name!r} is exhausted for this period"
+
+    def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
+        names = [b.name for b in ctx.budgets if b.mode is BudgetMode.STOP]
+        blocking = next(
+            (b for r in removed if (b := self._blocking(r.endpoint, ctx)) is not None), None
+        )
+        name = blocking.name if blocking is not None else (names[0] if names else "")
+        return refusal(
+            ctx,
+            429,
+            "budget_exhausted",
+            f"Budget {name!r} is exhausted for this period: requests it covers are refused "
+            f"until the period rolls over or its limit is raised (rule {ctx.route.name!r}; "
+            f"{_removed_list(removed)})",
+            type="insufficient_quota",
+            headers={"x-modelplane-budget": name},
+        )
+
+
 class CircuitClosed(_UnavailableRefusal):
     """Skip endpoints whose breaker is open (a half-open probe is left to the forwarder)."""
 
@@ -243,6 +285,7 @@ class WithinLimits:
 FILTERS: tuple[CandidateFilter, ...] = (
     OperationSupported(),
     Compliance(),
+    WithinBudget(),
     CircuitClosed(),
     ReplicasReady(),
     ContextWindow(),

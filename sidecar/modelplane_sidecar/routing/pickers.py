@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol
 
-from ..config import BudgetMode, Strategy, Tier
+from ..config import BudgetMode, BudgetState, Strategy, Tier
 from .filters import Candidate, RouteContext, refusal
 
 _TIER_RANK = {Tier.CHEAP: 0, Tier.STANDARD: 1, Tier.PREMIUM: 2}
@@ -183,9 +183,31 @@ PICKERS: dict[Strategy, Picker] = {
 }
 
 
+def _budget_state(candidates: list[Candidate], ctx: RouteContext) -> BudgetState:
+    """The namespace-wide state, else the strongest downgrade among the budgets that cover a
+    candidate (the lowest tier cap wins; no tier means cheapest-first, the strongest)."""
+    if ctx.budget.mode is not BudgetMode.NORMAL:
+        return ctx.budget
+    best: BudgetState | None = None
+    for budget in ctx.budgets:
+        if budget.mode is not BudgetMode.DOWNGRADE:
+            continue
+        if not any(budget.covers(c.name) for c in candidates):
+            continue
+        rank = -1 if budget.tier is None else _TIER_RANK[budget.tier]
+        if best is None or rank < (-1 if best.tier is None else _TIER_RANK[best.tier]):
+            best = BudgetState(mode=BudgetMode.DOWNGRADE, budget=budget.name, tier=budget.tier)
+    return best or ctx.budget
+
+
 def apply_budget(candidates: list[Candidate], ctx: RouteContext) -> tuple[list[Candidate], str]:
-    """The hook for budget state from the operator: stop refuses, downgrade goes cheapest first."""
-    budget = ctx.budget
+    """The hook for budget state from the operator: stop refuses, downgrade serves cheaper.
+
+    Downgrade with a tier (a ladder such as premium -> standard -> cheap): candidates above the
+    tier move behind the others, which keep the strategy's order; a target without a tier counts
+    as standard. Without a tier: cheapest first by estimated cost.
+    """
+    budget = _budget_state(candidates, ctx)
     if budget.mode is BudgetMode.NORMAL:
         return candidates, ""
     name = repr(budget.budget) if budget.budget else "(unnamed)"
@@ -200,6 +222,19 @@ def apply_budget(candidates: list[Candidate], ctx: RouteContext) -> tuple[list[C
         )
     if not ctx.route.options.budget_downgrade:
         return candidates, f"budget {name} in downgrade mode; this route opts out"
+    if budget.tier is not None:
+        cap = _TIER_RANK[budget.tier]
+        ordered = sorted(candidates, key=lambda c: _TIER_RANK[c.tier or Tier.STANDARD] > cap)
+        if ordered[0] is candidates[0]:
+            return ordered, (
+                f"budget {name} in downgrade mode (tier {budget.tier.value} and below first); "
+                f"{ordered[0].name} already within it"
+            )
+        return ordered, (
+            f"budget {name} in downgrade mode: {ordered[0].name} (tier "
+            f"{(ordered[0].tier or Tier.STANDARD).value}) instead of {candidates[0].name} "
+            f"(tier {(candidates[0].tier or Tier.STANDARD).value})"
+        )
     ordered = sorted(candidates, key=lambda c: estimated_cost(c, ctx))
     if ordered[0] is candidates[0]:
         return ordered, f"budget {name} in downgrade mode; {ordered[0].name} already cheapest"
