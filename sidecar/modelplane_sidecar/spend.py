@@ -392,6 +392,7 @@ class SpendTracker:
                     lease.waiting += amount
                 if lease.available + EPSILON >= amount:
                     lease.reserved += amount
+                    self._top_up(lease)
                     return lease
                 if lease.exhausted:
                     raise self._refusal(lease, amount, None)

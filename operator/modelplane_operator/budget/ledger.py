@@ -266,7 +266,9 @@ class BudgetLedger:
         if found is None:
             return
         found.connected = False
-        if abs(found.outstanding) <= EPSILON and not found.endpoints:
+        # Its cumulative amounts are kept for the period (a report it repeats after reconnecting
+        # must not count twice); only a holder that never had any is forgotten.
+        if max(found.granted, found.settled, found.returned) <= EPSILON and not found.endpoints:
             del self.holders[holder_id]
 
     def report(self, holder_id: str, report: Report) -> list[Threshold]:
