@@ -333,7 +333,7 @@ class Sidecar:
                 routed.stream if routed is not None else False,
                 trace,
                 rule or None,
-                error=error.code or "error",
+                error=error.code or error.type,
                 duration_s=time.perf_counter() - received,
                 decision_ms=trace.micros / 1000 if trace.micros else None,
             )
