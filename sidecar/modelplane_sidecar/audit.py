@@ -22,15 +22,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+# cryptography (about 6 MB resident) is imported where a key is made, read or checked: a sidecar
+# without an audit log never loads it.
 
 log = logging.getLogger("modelplane.sidecar.audit")
 
@@ -54,11 +56,16 @@ def _checkpoint_message(chain: str, seq: int, head: str) -> bytes:
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data = path.read_bytes()
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, Ed25519PrivateKey):
@@ -68,6 +75,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(text_or_path: str) -> Ed25519PublicKey:
     """A base64 raw key (as printed in the chain-start line) or a PEM file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     candidate = Path(text_or_path)
     if candidate.exists():
         key = serialization.load_pem_public_key(candidate.read_bytes())
@@ -295,6 +305,8 @@ def _check_checkpoint(
     state: _ChainState, entry: dict[str, Any], number: int, problems: list[str]
 ) -> bool:
     """True when the checkpoint is signed by the chain's key and covers the chain as read."""
+    from cryptography.exceptions import InvalidSignature
+
     if state.key is None:
         problems.append(f"line {number}: checkpoint but no public key to check it with")
         return False
@@ -400,7 +412,7 @@ def verify_lines(
                 embedded = announced
             if public_key is None and isinstance(announced, str):
                 try:
-                    state.key = Ed25519PublicKey.from_public_bytes(base64.b64decode(announced))
+                    state.key = _public_key_from_raw(base64.b64decode(announced))
                 except ValueError:
                     problems.append(f"line {number}: chain-start has an unreadable public key")
         elif kind == CHECKPOINT:
@@ -465,4 +477,12 @@ def read_anchors(log_lines: Iterable[bytes]) -> list[tuple[str, int, str]]:
 
 
 def generate_key() -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
+
+
+def _public_key_from_raw(raw: bytes) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(raw)
