@@ -281,7 +281,10 @@ def test_config_repr_and_version_never_contain_the_key() -> None:
     [
         ({"provider": "openai"}, "spec.model: Field required"),
         ({"provider": "cohere", "model": "m", "baseURL": "https://x"}, "spec.provider: Input"),
-        ({"provider": "openai", "model": "m"}, "exactly one of spec.baseURL, spec.serviceRef or spec.template"),
+        (
+            {"provider": "openai", "model": "m"},
+            "exactly one of spec.baseURL, spec.serviceRef or spec.template",
+        ),
         (
             {"provider": "openai", "model": "m", "baseURL": "ftp://x"},
             "spec.baseURL: String should match pattern",
