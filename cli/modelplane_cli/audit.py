@@ -71,9 +71,10 @@ def settings_from_args(args: argparse.Namespace) -> AuditSettings | None:
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"--audit-key {key_file}: {exc}") from None
     if args.audit_log not in ("-", "stdout"):
-        parent = Path(args.audit_log).parent
-        if not parent.is_dir():
-            raise ValueError(f"--audit-log {args.audit_log}: directory {parent} does not exist")
+        try:  # fail at start with a clear message, not at the first record
+            Path(args.audit_log).open("ab").close()
+        except OSError as exc:
+            raise ValueError(f"--audit-log {args.audit_log}: {exc.strerror or exc}") from None
     return AuditSettings(
         args.audit_log,
         key_file,
