@@ -7,7 +7,10 @@ Servers run on an event loop in a background thread so that both the synchronous
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -110,3 +113,27 @@ def chain_config(
         "endpoints": endpoints,
         "models": [{"name": alias, "endpoints": [e["name"] for e in endpoints], **settings}],
     }
+
+
+class HttpReply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status_code = status
+        self.headers = headers
+        self.content = body
+
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def http(method: str, url: str, body: bytes | None = None, **headers: str) -> HttpReply:
+    """A plain HTTP call for what the SDKs won't send (malformed bodies, raw probes)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return HttpReply(resp.status, dict(resp.headers), resp.read())
+    except urllib.error.HTTPError as err:
+        return HttpReply(err.code, dict(err.headers), err.read())
