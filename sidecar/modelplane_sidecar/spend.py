@@ -43,7 +43,7 @@ SPEND_FEATURE = "spend/v1"
 EPSILON = 1e-9
 #: After the operator said "exhausted", requests that do not fit are refused without asking
 #: again for this long (a burst of refusals costs the operator nothing).
-_EXHAUSTED_FRESH_SECONDS = 0.5
+_EXHAUSTED_FRESH_SECONDS = 0.1
 _RETRY_ASK_SECONDS = 0.05
 #: Providers whose chat API wants max_completion_tokens (reasoning models refuse max_tokens).
 _COMPLETION_TOKENS = {Provider.OPENAI, Provider.AZURE_OPENAI}
@@ -292,7 +292,10 @@ class SpendTracker:
                 lease.exhausted = bool(item.get("exhausted"))
                 if lease.exhausted:
                     lease.exhausted_at = asyncio.get_running_loop().time()
-            if item.get("recall") and lease.waiting <= EPSILON and lease.available > EPSILON:
+            if item.get("recall") and lease.available > EPSILON:
+                # Everything not reserved goes back, even with calls waiting here: they wait
+                # because what is here is too little for them, and slivers kept by many
+                # sidecars would starve a call that the budget as a whole could still pay.
                 lease.returned += lease.available
                 recall = True
             lease.changed.set()
