@@ -183,6 +183,25 @@ class ReplicaPool:
             return None
         return Saturation(self.endpoint, best[0], best[1], len(self.ready()), len(self.replicas))
 
+    def describe(self) -> list[dict[str, object]]:
+        """Each replica's state, for explain."""
+        now = self._clock()
+        rows: list[dict[str, object]] = []
+        for r in self.replicas:
+            reading = r.fresh_reading(now, self.max_age)
+            rows.append(
+                {
+                    "url": r.url,
+                    "ready": r.ready,
+                    "outstanding": r.outstanding,
+                    "waiting": reading.waiting if reading else None,
+                    "running": reading.running if reading else None,
+                    "kvCache": reading.kv_cache if reading else None,
+                    "cost": round(r.cost(now, self.max_age), 3) if r.ready else None,
+                }
+            )
+        return rows
+
     def observe(self, url: str, reading: LoadReading, at: float | None = None) -> bool:
         replica = self.by_url.get(url)
         if replica is None:

@@ -55,6 +55,8 @@ class DecisionTrace:
     pick: str = ""
     #: What the overflow step did (routes with `overflow` only).
     overflow: str = ""
+    #: Self-hosted candidates' replicas as routing saw them (endpoint -> replica rows).
+    replicas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     budget: str = ""
     order: list[str] = field(default_factory=list)
     error: ApiError | None = None
@@ -72,6 +74,7 @@ class DecisionTrace:
             "removed": [r.as_json() for r in self.removed],
             "pick": self.pick,
             "overflow": self.overflow or None,
+            "replicas": self.replicas or None,
             "budget": self.budget or None,
             "candidates": self.order,
             "error": (
@@ -162,6 +165,7 @@ def _run(
     trace: DecisionTrace,
     rng: random.Random,
     model: Callable[[], ComplexityModel],
+    explaining: bool = False,
 ) -> RouteDecision:
     alias = snapshot.aliases.get(request.model)
     if alias is None:
@@ -175,6 +179,10 @@ def _run(
     trace.route = route
     candidates = _candidates(route, snapshot)
     trace.considered = [c.name for c in candidates]
+    if explaining:
+        trace.replicas = {
+            c.name: c.endpoint.pool.describe() for c in candidates if c.endpoint.pool is not None
+        }
     ctx = RouteContext(
         request.op,
         request.model,
@@ -261,7 +269,7 @@ def explain(
     started = time.perf_counter()
     trace = DecisionTrace(request.model)
     try:
-        _run(snapshot, request, trace, rng, model)
+        _run(snapshot, request, trace, rng, model, explaining=True)
     except ApiError as exc:
         trace.error = exc
     if trace.found is not None:
