@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from .auditing import AuditTrail, RequestEnd
+from .cache import STATE_HEADER, CachedResponse, CachePlan, CacheState, replay_frames
 from .config import RetryOn
 from .errors import ApiError
 from .metrics import Outcome, SidecarMetrics
@@ -141,6 +142,11 @@ class Exchange:
     attempts: list[AttemptRecord] = field(default_factory=list)
     #: Set once the request's metrics and audit record are written.
     finished: bool = False
+    #: The response cache's part in this request (None: its route does not cache).
+    cache: CachePlan | None = None
+    #: Lane admission, awaited before the first attempt; returns what frees the lane slot.
+    admit: Callable[[], Awaitable[Callable[[], None] | None]] | None = None
+    release: Callable[[], None] | None = None
     #: The current attempt's budget reservation (spend.py), settled when the attempt ends.
     hold: Hold | None = None
     #: Why an endpoint was skipped for lack of budget (the 429 when nothing else could serve).
@@ -190,8 +196,17 @@ class Forwarder:
                 self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
                 self._finish(ex, Outcome.CLIENT_DISCONNECTED, 499, None, None)
             raise
+        finally:
+            if ex.release is not None:
+                ex.release()
 
     async def _forward(self, ex: Exchange) -> web.StreamResponse:
+        if ex.cache is not None and ex.cache.read:
+            cached = await ex.cache.lookup()
+            if cached is not None:
+                return await self.serve_cached(ex, cached, 0)
+        if ex.admit is not None:
+            await self._admit(ex)
         if ex.decision.hold is not None:
             await self._hold(ex)
         loop = asyncio.get_running_loop()
@@ -277,6 +292,8 @@ class Forwarder:
                     return await self._relay_stream(ex, endpoint, start, headers)
                 self._finish(ex, Outcome.OK, 200, endpoint, translated.usage)
                 body = translated.body
+                if ex.cache is not None:
+                    ex.cache.store(body, endpoint.name)
                 if ex.dialect is not None:
                     body = ex.dialect.response_body(body)
                 return web.Response(body=body, content_type="application/json", headers=headers)
@@ -294,7 +311,66 @@ class Forwarder:
             # No other endpoint could take over: the app gets the upstream's own answer.
             too_small, answer = last_client_failure
             return self._client_error(ex, too_small, answer, attempts, tried_endpoints)
+        if ex.cache is not None and ex.cache.stale_on_error:
+            stale = await ex.cache.stale()
+            if stale is not None:
+                return await self.serve_cached(ex, stale, attempts)
         raise self._exhausted(ex, records, attempts)
+
+    async def _admit(self, ex: Exchange) -> None:
+        """Wait for the request's lane (lanes.py); a lane refusal is this request's answer."""
+        assert ex.admit is not None
+        try:
+            ex.release = await ex.admit()
+        except ApiError as exc:
+            exc.headers.setdefault("x-request-id", ex.request_id)
+            exc.headers.setdefault("x-modelplane-rule", ex.decision.rule)
+            self._finish(ex, Outcome.REFUSED, exc.status, None, None, error=exc.code)
+            raise
+
+    async def serve_cached(
+        self, ex: Exchange, entry: CachedResponse, attempts: int
+    ) -> web.StreamResponse:
+        """Answer from the cache (a hit, or a stale answer after `attempts` failed ones).
+
+        Accounted like any answer, with outcome cache_hit / cache_stale and no cost.
+        """
+        plan = ex.cache
+        assert plan is not None
+        headers = {
+            STATE_HEADER: plan.state.value,
+            "x-modelplane-cache-age": str(max(0, int(time.time() - entry.stored_at))),
+            "x-modelplane-endpoint": entry.endpoint,
+            "x-modelplane-rule": ex.decision.rule,
+            "x-modelplane-attempts": str(attempts),
+            "x-modelplane-decision-ms": f"{ex.decision_ms:.3f}",
+            "x-modelplane-config-version": ex.snapshot.version,
+            "x-request-id": ex.request_id,
+        }
+        outcome = Outcome.CACHE_STALE if plan.state is CacheState.STALE else Outcome.CACHE_HIT
+        frames = None
+        if ex.request.stream:
+            options = ex.request.body.get("stream_options")
+            usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            frames = replay_frames(entry.body, usage)
+        if frames is None:
+            self._finish(ex, outcome, 200, None, None)
+            body = entry.body
+            if ex.dialect is not None:
+                body = ex.dialect.response_body(body)
+            return web.Response(body=body, content_type="application/json", headers=headers)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        try:
+            await response.prepare(ex.http)
+            await response.write(ex.dialect.stream().feed(frames) if ex.dialect else frames)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            outcome = Outcome.CLIENT_DISCONNECTED
+            self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
+            raise
+        finally:
+            self._finish(ex, outcome, 200, None, None)
+        return response
 
     async def _hold(self, ex: Exchange) -> None:
         """A request that must not spill waits (bounded) for its self-hosted pool's capacity."""
@@ -481,9 +557,14 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         outcome = Outcome.OK
         ttft: float | None = None
+        recorder = ex.cache.recorder() if ex.cache is not None else None
         try:
             await response.prepare(ex.http)
-            rewrite = ex.dialect.stream().feed if ex.dialect is not None else _unchanged
+            rewrite: Callable[[bytes], bytes] = (
+                ex.dialect.stream().feed if ex.dialect is not None else _unchanged
+            )
+            if recorder is not None:
+                rewrite = _recording(recorder.feed, rewrite)
             await response.write(rewrite(start.first))
             ttft = time.perf_counter() - ex.received_at
             series = self._metrics.endpoint(endpoint.name, endpoint.config.provider)
@@ -528,6 +609,8 @@ class Forwarder:
                 start.replica.outstanding -= 1
             usage = translator.usage or Usage(estimated=True)
             self._finish(ex, outcome, 200, endpoint, usage, ttft=ttft)
+            if recorder is not None and outcome is Outcome.OK and ex.cache is not None:
+                ex.cache.store_stream(recorder, endpoint.name, translator.usage)
         return response
 
     def _finish(
@@ -599,6 +682,7 @@ class Forwarder:
             "x-modelplane-decision-ms": f"{ex.decision_ms:.3f}",
             "x-modelplane-config-version": ex.snapshot.version,
             "x-request-id": ex.request_id,
+            **({STATE_HEADER: ex.cache.state.value} if ex.cache is not None else {}),
         }
 
     def _client_error(
@@ -743,6 +827,18 @@ def _replica_failed(ex: Exchange, replica: ReplicaState | None, *, connect: bool
 
 def _unchanged(frames: bytes) -> bytes:
     return frames
+
+
+def _recording(
+    record: Callable[[bytes], None], rewrite: Callable[[bytes], bytes]
+) -> Callable[[bytes], bytes]:
+    """`rewrite`, also handing the OpenAI frames (before any dialect) to the cache."""
+
+    def feed(frames: bytes) -> bytes:
+        record(frames)
+        return rewrite(frames)
+
+    return feed
 
 
 def _stream_error_event(endpoint: str, message: str) -> bytes:

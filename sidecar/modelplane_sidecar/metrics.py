@@ -46,6 +46,10 @@ class Outcome(StrEnum):
     #: The router refused before calling anything (bad request, unknown model, compliance,
     #: context window, budget): the app got a 4xx/5xx from the router itself.
     REFUSED = "refused"
+    #: Answered from the response cache; nothing was sent upstream.
+    CACHE_HIT = "cache_hit"
+    #: Every endpoint failed (or none could be tried); the app got the last cached answer.
+    CACHE_STALE = "cache_stale"
 
 
 class SyncState(StrEnum):

@@ -8,6 +8,7 @@ atomically on reload; every request keeps the snapshot it started with.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -22,15 +23,26 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auditing import AuditSettings, AuditTrail, RequestEnd, open_trail
+from .cache import CachePlan, ResponseCache
 from .config import ConfigError, LoadSource, RouterConfig, load_config_file
 from .errors import ApiError, bad_request
-from .forward import Exchange, Forwarder
+from .forward import ClientDialect, Exchange, Forwarder
 from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
+from .frontdoors.batch_api import BatchApi
+from .lanes import LaneGate
 from .metrics import Outcome, SidecarMetrics, SyncState
 from .pool import LoadScraper, ReplicaPool
 from .providers.base import Operation
-from .routing import DecisionTrace, RoutedRequest, decide, explain, operation_for, prepare_routing
+from .routing import (
+    DecisionTrace,
+    RouteDecision,
+    RoutedRequest,
+    decide,
+    explain,
+    operation_for,
+    prepare_routing,
+)
 from .runtime import Snapshot
 from .spend import SpendTracker
 
@@ -148,6 +160,10 @@ class Sidecar:
         self.spend = spend
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
+        #: Strategy lanes (docs/cache-and-lanes.md): the response cache and lane admission.
+        self.cache = ResponseCache(metrics)
+        self.lanes = LaneGate(metrics)
+        self._batch_api = BatchApi(self._current, self._client_session, metrics)
         self._scraper: LoadScraper | None = None
 
     @property
@@ -163,6 +179,10 @@ class Sidecar:
             )
         return snapshot
 
+    def _client_session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "sidecar not started"
+        return self._session
+
     def build_app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors_middleware])
         app.router.add_post("/v1/chat/completions", self._op_handler(Operation.CHAT))
@@ -171,6 +191,7 @@ class Sidecar:
         app.router.add_post("/v1/messages", self.anthropic_messages)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/modelplane/explain", self.explain)
+        self._batch_api.add_routes(app.router)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_endpoint)
@@ -199,6 +220,7 @@ class Sidecar:
         return [p for p in snapshot.pools().values() if p.scraped_by(LoadSource.SCRAPE)]
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        await self.cache.close()
         if self._scraper is not None:
             await self._scraper.stop()
         if self.audit is not None:
@@ -244,6 +266,7 @@ class Sidecar:
         snapshot: Snapshot | None = None
         routed: RoutedRequest | None = None
         trace = DecisionTrace("")
+        dialect: ClientDialect | None = None
         try:
             snapshot = self._current()
             limit = snapshot.config.server.max_body_bytes
@@ -255,7 +278,6 @@ class Sidecar:
                     code="request_too_large",
                 )
             body = _parse_body(await _read_limited(http, limit))
-            dialect = None
             if front_door is not None:
                 body, dialect = front_door(body)
             routed = _routed_request(op, body, http)
@@ -269,7 +291,13 @@ class Sidecar:
                 raise
             finally:
                 self._count_findings(trace)
+            cache, admit = self._strategy(snapshot, routed, decision)
         except ApiError as exc:
+            cached = await self._cached_instead(
+                http, received, request_id, snapshot, routed, trace, dialect, exc
+            )
+            if cached is not None:
+                return cached
             self._refused(http, request_id, received, snapshot, routed, trace, exc)
             raise
         decision_s = time.perf_counter() - received
@@ -286,8 +314,62 @@ class Sidecar:
             decision_s * 1000,
             request_id,
             dialect,
+            cache=cache,
+            admit=admit,
         )
         return await self.forwarder.forward(exchange)
+
+    def _strategy(
+        self, snapshot: Snapshot, routed: RoutedRequest, decision: RouteDecision
+    ) -> tuple[CachePlan | None, Callable[[], Awaitable[Callable[[], None] | None]] | None]:
+        """The cache's plan for the request, and its lane admission when its lane is limited."""
+        alias, route = decision.alias, decision.rule
+        found = decision.trace.found if decision.trace is not None else None
+        cache = None
+        if found is not None:
+            cache = self.cache.plan(snapshot, routed, alias, route, found.sensitivity)
+        lane = self.lanes.lane_for(snapshot, routed, alias, route)
+        if not self.lanes.limited(snapshot, lane):
+            return cache, None
+        return cache, functools.partial(self.lanes.admit, snapshot, routed, decision, lane)
+
+    async def _cached_instead(
+        self,
+        http: web.Request,
+        received: float,
+        request_id: str,
+        snapshot: Snapshot | None,
+        routed: RoutedRequest | None,
+        trace: DecisionTrace,
+        dialect: ClientDialect | None,
+        error: ApiError,
+    ) -> web.StreamResponse | None:
+        """With no endpoint left to try (all breakers open), a route that caches may still
+        answer: fresh from the cache, or stale where its policy allows it."""
+        if error.code != "no_endpoint_available" or snapshot is None or routed is None:
+            return None
+        alias = snapshot.aliases.get(routed.model)
+        route, found = trace.route, trace.found
+        if alias is None or route is None or found is None:
+            return None
+        try:
+            plan = self.cache.plan(snapshot, routed, alias, route.name, found.sensitivity)
+        except ApiError:
+            return None
+        if plan is None or not plan.stale_on_error:
+            return None
+        entry = await plan.lookup() or await plan.stale()
+        if entry is None:
+            return None
+        removed = [(r.endpoint, r.reason) for r in trace.removed]
+        decision = RouteDecision(
+            alias, [], route.name, removed, route.strategy, "", found.size.input_tokens, trace
+        )
+        decision_ms = (time.perf_counter() - received) * 1000
+        exchange = Exchange(
+            http, snapshot, routed, decision, received, decision_ms, request_id, dialect, cache=plan
+        )
+        return await self.forwarder.serve_cached(exchange, entry, 0)
 
     def _count_findings(self, trace: DecisionTrace) -> None:
         found = trace.found

@@ -1,0 +1,271 @@
+"""Strategy lanes: real-time and batch requests, each admitted under its own concurrency share.
+
+A request is in the batch lane when its rule or model alias says `lane: batch`, else when the app
+sends `x-modelplane-priority: batch`; everything else is real-time. Each lane has a number of
+requests it may forward at once and a bounded FIFO queue for the ones that wait; a full queue is
+a 429 `lane_queue_full`, a request that waited `maxWaitSeconds` a 503 `lane_wait_timeout`.
+
+Batch requests try their allowed candidates cheapest first (e.g. a self-hosted model before a
+cloud one), and one starts only while its cheapest endpoint has fewer requests in flight than
+`endpointShare` of that endpoint's `limits.maxConcurrency`. Batch traffic can therefore never
+fill more than its share of an endpoint: the rest stays free for real-time requests, however
+many batch requests are waiting. Real-time requests are not limited unless the real-time lane is
+given a `maxConcurrency`; an unlimited lane costs the request path nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .config import LaneName, LaneSettings, ModelAlias
+from .errors import ApiError, bad_request
+from .metrics import SidecarMetrics
+from .routing import RouteDecision, RoutedRequest
+from .runtime import EndpointRuntime, Snapshot
+
+#: How often the head of a batch queue re-checks its endpoint's load (which real-time requests
+#: change without telling the lane).
+_POLL_SECONDS = 0.02
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Lane:
+    """Admission of one lane: a slot count and a FIFO queue of bounded length and wait."""
+
+    def __init__(self, name: LaneName) -> None:
+        self.name = name
+        self.in_flight = 0
+        self.queued = 0
+        self._turn = asyncio.Lock()
+        self._released = asyncio.Event()
+
+    async def acquire(self, settings: LaneSettings, room: Callable[[], bool] | None) -> float:
+        """Take a slot, waiting in line if needed; returns the seconds waited."""
+        limit = settings.max_concurrency
+
+        def free() -> bool:
+            return (limit is None or self.in_flight < limit) and (room is None or room())
+
+        if not self.queued and free():
+            self.in_flight += 1
+            return 0.0
+        if self.queued >= settings.max_queue:
+            raise ApiError(
+                429,
+                f"The {self.name.value} lane is full: {self.in_flight} requests in flight and "
+                f"{self.queued} waiting (queue limit {settings.max_queue})",
+                type="requests",
+                code="lane_queue_full",
+                headers={"retry-after": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.queued += 1
+        try:
+            async with asyncio.timeout(settings.max_wait_seconds), self._turn:
+                while not free():
+                    self._released.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_POLL_SECONDS if room is not None else None):
+                            await self._released.wait()
+                self.in_flight += 1
+        except TimeoutError:
+            raise ApiError(
+                503,
+                f"Waited {settings.max_wait_seconds:g}s in the {self.name.value} lane without "
+                "capacity becoming free",
+                type="server_error",
+                code="lane_wait_timeout",
+            ) from None
+        finally:
+            self.queued -= 1
+        return loop.time() - started
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._released.set()
+
+
+@dataclass(slots=True)
+class LaneTicket:
+    """A taken slot; released once when the request is done."""
+
+    lane: Lane
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.lane.release()
+
+
+def endpoint_room(endpoint: EndpointRuntime, share: float) -> bool:
+    """Whether a batch request may start on `endpoint` without exceeding the batch share."""
+    limit = endpoint.config.limits.max_concurrency
+    if limit is None:
+        return True
+    return endpoint.state.in_flight < max(1, int(limit * share))
+
+
+def cheapest_first(decision: RouteDecision, request: RoutedRequest) -> None:
+    """Reorder the decision's candidates by estimated price of this request (stable)."""
+    body = request.body
+    wanted = body.get("max_completion_tokens") or body.get("max_tokens")
+    output = wanted if isinstance(wanted, int) and wanted > 0 else 256
+    tokens = decision.input_tokens
+
+    def price(endpoint: EndpointRuntime) -> float:
+        p = endpoint.config.pricing
+        return tokens * p.input_per_mtok + output * p.output_per_mtok
+
+    ordered = sorted(decision.candidates, key=price)
+    if ordered == decision.candidates:
+        return
+    decision.candidates = ordered
+    trace = decision.trace
+    if trace is not None:
+        trace.pick += f"; batch lane: {ordered[0].name} first (cheapest)"
+        trace.order = [e.name for e in ordered]
+
+
+class LaneMetrics:
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        r = metrics.registry
+        self.admitted = Counter(
+            "modelplane_lane_admitted",
+            "Requests admitted to a lane (realtime, batch).",
+            ["lane"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "modelplane_lane_rejected",
+            "Requests a lane refused, by reason (lane_queue_full, lane_wait_timeout).",
+            ["lane", "reason"],
+            registry=r,
+        )
+        self.wait = Histogram(
+            "modelplane_lane_wait_seconds",
+            "Time requests waited in a lane's queue before they were forwarded.",
+            ["lane"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+
+
+class _LaneState:
+    """In-flight and queued counts per lane, read when Prometheus scrapes."""
+
+    def __init__(self, lanes: Mapping[LaneName, Lane]) -> None:
+        self._lanes = lanes
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "modelplane_lane_in_flight_requests",
+                "Requests of a lane being forwarded now (realtime counts only when limited).",
+                labels=["lane"],
+            ),
+            GaugeMetricFamily(
+                "modelplane_lane_queued_requests",
+                "Requests waiting in a lane's queue.",
+                labels=["lane"],
+            ),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        in_flight, queued = families = self._families()
+        for name, lane in self._lanes.items():
+            in_flight.add_metric([name.value], lane.in_flight)
+            queued.add_metric([name.value], lane.queued)
+        return families
+
+
+class LaneGate:
+    """The sidecar's lanes, kept across config reloads (their settings come per request)."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self._lanes = {name: Lane(name) for name in LaneName}
+        self.metrics = LaneMetrics(metrics)
+        metrics.registry.register(_LaneState(self._lanes))
+        self._rules: dict[str, Mapping[str, LaneName]] = {}
+
+    def lane(self, name: LaneName) -> Lane:
+        return self._lanes[name]
+
+    def _rule_lanes(self, snapshot: Snapshot) -> Mapping[str, LaneName]:
+        found = self._rules.get(snapshot.version)
+        if found is None:
+            if len(self._rules) >= 4:
+                self._rules.pop(next(iter(self._rules)))
+            rules = snapshot.config.rules
+            found = self._rules[snapshot.version] = {r.name: r.lane for r in rules if r.lane}
+        return found
+
+    def lane_for(
+        self, snapshot: Snapshot, request: RoutedRequest, alias: ModelAlias, route: str
+    ) -> LaneName:
+        """The rule's lane, else the alias's, else the request header's, else real-time."""
+        lane = self._rule_lanes(snapshot).get(route) or alias.lane
+        if lane is not None:
+            return lane
+        header = snapshot.config.lanes.header
+        raw = request.headers.get(header)
+        if raw is None:
+            return LaneName.REALTIME
+        try:
+            return LaneName(raw.strip().lower())
+        except ValueError:
+            raise bad_request(
+                f"Header {header} must be realtime or batch (got {raw.strip()[:40]!r})",
+                param=header,
+            ) from None
+
+    def limited(self, snapshot: Snapshot, lane: LaneName) -> bool:
+        """Whether requests of `lane` need admission (an unlimited real-time lane does not)."""
+        return lane is LaneName.BATCH or snapshot.config.lanes.realtime.max_concurrency is not None
+
+    async def admit(
+        self,
+        snapshot: Snapshot,
+        request: RoutedRequest,
+        decision: RouteDecision,
+        lane: LaneName,
+    ) -> Callable[[], None] | None:
+        """Wait for the request's turn in its lane; returns what frees its slot (None: an
+        unlimited lane, nothing to hold).
+
+        Raises ApiError 429 `lane_queue_full` or 503 `lane_wait_timeout`.
+        """
+        lanes = snapshot.config.lanes
+        room: Callable[[], bool] | None = None
+        settings: LaneSettings
+        if lane is LaneName.BATCH:
+            batch = lanes.batch
+            settings = batch
+            if batch.cheapest_first:
+                cheapest_first(decision, request)
+            room = functools.partial(endpoint_room, decision.candidates[0], batch.endpoint_share)
+        else:
+            settings = lanes.realtime
+            if settings.max_concurrency is None:
+                return None
+        gate = self._lanes[lane]
+        try:
+            waited = await gate.acquire(settings, room)
+        except ApiError as exc:
+            self.metrics.rejected.labels(lane.value, exc.code or "").inc()
+            raise
+        self.metrics.admitted.labels(lane.value).inc()
+        if waited:
+            self.metrics.wait.labels(lane.value).observe(waited)
+        return LaneTicket(gate).release
