@@ -1,0 +1,205 @@
+"""Lanes through a real sidecar with the `openai` SDK: which requests are batch, where they go,
+their queue's 429 and 503, and a saturating batch load that completes without ever taking more
+than its share of the self-hosted endpoint from real-time requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from harness import Router, Upstreams, endpoint
+
+from modelplane_sidecar.config import RouterConfig
+from modelplane_sidecar.standins.openai import Behaviour, OpenAIStandIn
+
+HELLO = [{"role": "user", "content": "hello"}]
+BATCH = {"x-modelplane-priority": "batch"}
+
+
+class Concurrency:
+    """Counts requests in flight at a stand-in, apart for batch and real-time ones."""
+
+    def __init__(self) -> None:
+        self.now = {"batch": 0, "realtime": 0}
+        self.peak = {"batch": 0, "realtime": 0}
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        kind = "batch" if b"batch-job" in await request.read() else "realtime"
+        self.now[kind] += 1
+        self.peak[kind] = max(self.peak[kind], self.now[kind])
+        try:
+            return await handler(request)
+        finally:
+            self.now[kind] -= 1
+
+
+def _world(
+    upstreams: Upstreams, lanes: dict[str, Any], *, delay: float = 0.0, **model: Any
+) -> tuple[Router, OpenAIStandIn, OpenAIStandIn, Concurrency]:
+    counter = Concurrency()
+    llama = OpenAIStandIn(name="llama", default=Behaviour(delay=delay))
+    app = llama.app()
+    app.middlewares.append(counter.middleware)
+    llama_url = f"http://127.0.0.1:{upstreams.servers.serve(app)}/v1"
+    cloud, cloud_url = upstreams.openai("cloud")
+    config = {
+        "endpoints": [
+            endpoint("cloud", cloud_url, pricing={"inputPerMtok": 2.5, "outputPerMtok": 10}),
+            endpoint(
+                "llama",
+                llama_url,
+                pricing={"inputPerMtok": 0, "outputPerMtok": 0},
+                limits={"maxConcurrency": 4},
+            ),
+        ],
+        "models": [
+            {"name": "chat", "endpoints": ["cloud", "llama"], **model},
+            {"name": "local", "endpoints": ["llama"]},
+        ],
+        "lanes": lanes,
+    }
+    return upstreams.router(config), cloud, llama, counter
+
+
+def _sync(router: Router) -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+
+
+def test_batch_requests_go_cheapest_first_realtime_keeps_the_route(upstreams: Upstreams) -> None:
+    router, cloud, llama, _ = _world(upstreams, {})
+    client = _sync(router)
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=HELLO)
+    assert raw.headers["x-modelplane-endpoint"] == "cloud"
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat", messages=HELLO, extra_headers=BATCH
+    )
+    assert raw.headers["x-modelplane-endpoint"] == "llama"
+    assert router.metric("modelplane_lane_admitted_total", lane="batch") == 1
+    assert router.metric("modelplane_lane_admitted_total", lane="realtime") == 0
+
+
+def test_a_rule_or_an_alias_puts_requests_in_the_batch_lane(upstreams: Upstreams) -> None:
+    router, _, _, _ = _world(upstreams, {})
+    config = router.holder.snapshot.config.model_dump(by_alias=True)  # type: ignore[union-attr]
+    config["rules"] = [
+        {
+            "name": "nightly",
+            "match": {"metadata": {"job": ["nightly"]}},
+            "targets": ["cloud", "llama"],
+            "lane": "batch",
+        }
+    ]
+    router.holder.apply(RouterConfig.model_validate(config), "test")
+    raw = _sync(router).chat.completions.with_raw_response.create(
+        model="chat", messages=HELLO, metadata={"job": "nightly"}
+    )
+    assert raw.headers["x-modelplane-endpoint"] == "llama"
+    assert raw.headers["x-modelplane-rule"] == "nightly"
+
+    offline, _, _, _ = _world(upstreams, {}, lane="batch")
+    raw = _sync(offline).chat.completions.with_raw_response.create(model="chat", messages=HELLO)
+    assert raw.headers["x-modelplane-endpoint"] == "llama"
+    # The platform's lane wins over the app's header.
+    raw = _sync(offline).chat.completions.with_raw_response.create(
+        model="chat", messages=HELLO, extra_headers={"x-modelplane-priority": "realtime"}
+    )
+    assert raw.headers["x-modelplane-endpoint"] == "llama"
+
+
+def test_unknown_priority_is_a_clear_400(upstreams: Upstreams) -> None:
+    router, cloud, llama, _ = _world(upstreams, {})
+    with pytest.raises(openai.BadRequestError) as caught:
+        _sync(router).chat.completions.create(
+            model="chat", messages=HELLO, extra_headers={"x-modelplane-priority": "urgent"}
+        )
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "x-modelplane-priority" and "'urgent'" in error["message"]
+    assert not cloud.received and not llama.received
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in 10 s"
+        time.sleep(0.005)
+
+
+def _in_background(call: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) -> None:
+    lanes = {"batch": {"maxConcurrency": 1, "maxQueue": 1, "maxWaitSeconds": 0.3}}
+    router, _, llama, _ = _world(upstreams, lanes, delay=1.0)
+    client = _sync(router)
+
+    def batch() -> object:
+        return client.chat.completions.create(model="chat", messages=HELLO, extra_headers=BATCH)
+
+    running = _in_background(batch)
+    _wait_for(lambda: len(llama.received) == 1)
+    waiter = _in_background(lambda: pytest.raises(openai.APIStatusError, batch))
+    _wait_for(lambda: router.metric("modelplane_lane_queued_requests", lane="batch") == 1)
+    with pytest.raises(openai.RateLimitError) as full:
+        batch()
+    assert full.value.body["code"] == "lane_queue_full"  # type: ignore[index]
+    waiter.join(10)
+    running.join(10)
+    assert router.metric("modelplane_lane_rejected_total", lane="batch", reason="lane_queue_full")
+    assert (
+        router.metric("modelplane_lane_rejected_total", lane="batch", reason="lane_wait_timeout")
+        == 1
+    )
+    assert router.metric("modelplane_requests_total", outcome="refused") == 2
+    assert len(llama.received) == 1
+
+
+async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstreams) -> None:
+    lanes = {"batch": {"maxConcurrency": 16, "maxQueue": 64, "endpointShare": 0.5}}
+    router, cloud, llama, counter = _world(upstreams, lanes, delay=0.02)
+    client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+
+    async def batch_job(n: int) -> str:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="chat",
+            messages=[{"role": "user", "content": f"batch-job {n}"}],
+            extra_headers=BATCH,
+        )
+        return raw.headers["x-modelplane-endpoint"]
+
+    async def realtime_user(n: int) -> list[str]:
+        served = []
+        for i in range(5):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="local",
+                messages=[{"role": "user", "content": f"user {n} question {i}"}],
+                extra_headers={"x-modelplane-priority": "realtime"},
+            )
+            served.append(raw.headers["x-modelplane-endpoint"])
+        return served
+
+    results = await asyncio.gather(
+        *(batch_job(n) for n in range(40)), *(realtime_user(n) for n in range(2))
+    )
+    batch_served, realtime_served = results[:40], results[40:]
+    assert batch_served == ["llama"] * 40
+    # Real-time requests on the same self-hosted endpoint were never refused for capacity.
+    assert all(served == ["llama"] * 5 for served in realtime_served)
+    assert counter.peak["batch"] == 2  # half of llama's maxConcurrency of 4, and no more
+    assert counter.peak["realtime"] >= 1
+    assert not cloud.received
+    assert router.metric("modelplane_lane_admitted_total", lane="batch") == 40
+    assert router.metric("modelplane_lane_wait_seconds_count", lane="batch") > 0
+    await client.close()
