@@ -75,7 +75,7 @@ def _sync(router: Router) -> openai.OpenAI:
 
 
 def test_batch_requests_go_cheapest_first_realtime_keeps_the_route(upstreams: Upstreams) -> None:
-    router, cloud, llama, _ = _world(upstreams, {})
+    router, *_ = _world(upstreams, {})
     client = _sync(router)
     raw = client.chat.completions.with_raw_response.create(model="chat", messages=HELLO)
     assert raw.headers["x-modelplane-endpoint"] == "cloud"
@@ -140,6 +140,14 @@ def _in_background(call: Callable[[], object]) -> threading.Thread:
     return thread
 
 
+def _expect_error(call: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        with pytest.raises(openai.APIStatusError):
+            call()
+
+    return run
+
+
 def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) -> None:
     lanes = {"batch": {"maxConcurrency": 1, "maxQueue": 1, "maxWaitSeconds": 0.3}}
     router, _, llama, _ = _world(upstreams, lanes, delay=1.0)
@@ -150,7 +158,7 @@ def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) ->
 
     running = _in_background(batch)
     _wait_for(lambda: len(llama.received) == 1)
-    waiter = _in_background(lambda: pytest.raises(openai.APIStatusError, batch))
+    waiter = _in_background(_expect_error(batch))
     _wait_for(lambda: router.metric("modelplane_lane_queued_requests", lane="batch") == 1)
     with pytest.raises(openai.RateLimitError) as full:
         batch()
@@ -168,7 +176,7 @@ def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) ->
 
 async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstreams) -> None:
     lanes = {"batch": {"maxConcurrency": 16, "maxQueue": 64, "endpointShare": 0.5}}
-    router, cloud, llama, counter = _world(upstreams, lanes, delay=0.02)
+    router, cloud, _, counter = _world(upstreams, lanes, delay=0.02)
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
 
     async def batch_job(n: int) -> str:
