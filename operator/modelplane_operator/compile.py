@@ -30,6 +30,7 @@ from .crd_models import (
     ROUTING_POLICY,
     BudgetAction,
     BudgetSpec,
+    CacheSettings,
     ModelEndpointSpec,
     ModelRoute,
     Route,
@@ -354,6 +355,8 @@ class _Namespace:
     sensitivity: rc.SensitivityPolicy
     aliases: dict[str, str] = field(default_factory=dict)
     rules: dict[str, str] = field(default_factory=dict)
+    #: Entries each sidecar's response cache keeps (the largest of the caching policies).
+    cache_entries: int = 0
 
 
 def _usable(where: str, route: Route, ns: _Namespace, errors: list[str]) -> list[Target]:
@@ -461,6 +464,8 @@ def _alias(
     return rc.ModelAlias(
         name=route.name,
         overflow=overflow,
+        cache=_rc_cache(spec.cache),
+        lane=route.lane,
         description=route.description,
         strategy=route.strategy,
         targets=_rc_targets(targets),
@@ -482,6 +487,16 @@ def _alias(
             open_seconds=spec.circuit_breaker.open_seconds,
             half_open_successes=spec.circuit_breaker.half_open_successes,
         ),
+    )
+
+
+def _rc_cache(settings: CacheSettings) -> rc.CachePolicy:
+    return rc.CachePolicy(
+        enabled=settings.enabled,
+        ttl_seconds=settings.ttl_seconds,
+        deterministic_only=settings.deterministic_only,
+        stale_on_error=settings.stale_on_error,
+        stale_seconds=settings.stale_seconds,
     )
 
 
@@ -563,6 +578,7 @@ def _compile_rule(
             targets=_rc_targets(targets),
             options=_rc_options(rule),
             overflow=_rc_overflow(where, rule, targets, ns, errors),
+            lane=rule.lane,
         )
     except ValidationError as exc:
         errors.append(f"{where}: the sidecar would reject it: {_validation_detail(exc)}")
@@ -601,7 +617,7 @@ def _compile_policy(spec: RoutingPolicySpec, ns: _Namespace, policy: str) -> _Po
         _usable("default", spec.default, ns, errors)
         notes.append("default route")
     if spec.cache.enabled:
-        notes.append("cache")
+        ns.cache_entries = max(ns.cache_entries, spec.cache.max_entries)
     if spec.pod_selector.match_labels or spec.pod_selector.match_expressions:
         notes.append("podSelector (every sidecar in the namespace gets this policy)")
     used = {t.endpoint for a in aliases for t in a.route_targets()}
@@ -806,6 +822,9 @@ def _assemble(
             rules=tuple(rules),
             sensitivity=ns.sensitivity,
             budgets=_spend_budgets(budgets, used),
+            cache=rc.CacheStore(max_entries=ns.cache_entries)
+            if ns.cache_entries
+            else rc.CacheStore(),
         )
     except ValidationError as exc:
         # The per-object checks above should make this unreachable; if they miss a case, say so

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
-from modelplane_sidecar.config import Detector, Engine, RetryOn, Strategy, Tier
+from modelplane_sidecar.config import Detector, Engine, LaneName, RetryOn, Strategy, Tier
 
 GROUP = "modelplane.io"
 VERSION = "v1alpha1"
@@ -327,6 +327,10 @@ class Route(_Spec):
     strategy: Strategy = Strategy.PRIORITY
     options: StrategyOptions | None = None
     overflow: OverflowSpec | None = None
+    lane: LaneName | None = None
+    """batch: the route's requests take the batch lane (cheapest allowed endpoint first, a
+    bounded queue, never more than their share of an endpoint); unset: the app's
+    x-modelplane-priority header decides."""
 
 
 class ModelRoute(Route):
@@ -452,9 +456,20 @@ class CircuitBreakerSettings(_Spec):
 
 
 class CacheSettings(_Spec):
+    """Exact-match response cache for this policy's models (sensitive requests never cached)."""
+
     enabled: bool = False
     ttl_seconds: int = Field(default=300, ge=1, le=86400)
     max_entries: int = Field(default=1000, ge=1, le=1_000_000)
+    """Entries each sidecar keeps (the largest of the namespace's caching policies applies)."""
+    deterministic_only: bool = True
+    """Cache only temperature-0 and embeddings requests, and those an app marks with
+    x-modelplane-cache-control: allow."""
+    stale_on_error: bool = False
+    """When every endpoint fails, answer with the last cached response (marked
+    x-modelplane-cache: stale) instead of an error."""
+    stale_seconds: int = Field(default=86400, ge=0, le=2_592_000)
+    """How long past its TTL an answer is kept for staleOnError."""
 
 
 class RoutingPolicySpec(_Spec):

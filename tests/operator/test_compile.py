@@ -22,6 +22,7 @@ from modelplane_operator.compile import (
     decode_secret,
     wire_config,
 )
+from modelplane_sidecar import config as rc
 from modelplane_sidecar.config import parse_config
 
 NS = "team-a"
@@ -575,11 +576,65 @@ def test_fields_without_a_sidecar_counterpart_are_named_in_the_ready_message() -
     verdict = result.verdict("RoutingPolicy", "p")
     assert verdict.ready
     assert verdict.message == (
-        "not applied by this sidecar version: default route; cache; "
+        "not applied by this sidecar version: default route; "
         "podSelector (every sidecar in the namespace gets this policy)"
     )
     assert result.config is not None
     assert result.config.endpoint("gpt").limits.requests_per_minute == 60
+
+
+def test_cache_and_lanes_compile_into_the_sidecar_config() -> None:
+    cache = {
+        "enabled": True,
+        "ttlSeconds": 600,
+        "maxEntries": 5000,
+        "deterministicOnly": False,
+        "staleOnError": True,
+        "staleSeconds": 3600,
+    }
+    batch_rule = {
+        "name": "nightly",
+        "match": {"metadata": {"job": ["nightly"]}},
+        "targets": [{"endpoint": "gpt"}],
+        "lane": "batch",
+    }
+    result = compile_(
+        [endpoint("gpt"), endpoint("llama")],
+        [
+            policy(
+                "critical",
+                route("chat", "gpt"),
+                cache=cache,
+                rules=[batch_rule],
+                created="2026-01-01T00:00:00Z",
+            ),
+            policy(
+                "offline",
+                {**route("bulk", "llama"), "lane": "batch"},
+                cache={"enabled": True, "maxEntries": 200},
+                created="2026-01-02T00:00:00Z",
+            ),
+            policy("plain", route("other", "gpt"), created="2026-01-03T00:00:00Z"),
+        ],
+    )
+
+    assert result.verdict("RoutingPolicy", "critical").message == ""
+    config = result.config
+    assert config is not None
+    models = {m.name: m for m in config.models}
+    assert models["chat"].cache == rc.CachePolicy(
+        enabled=True,
+        ttl_seconds=600,
+        deterministic_only=False,
+        stale_on_error=True,
+        stale_seconds=3600,
+    )
+    assert models["chat"].lane is None
+    assert models["bulk"].lane is rc.LaneName.BATCH and models["bulk"].cache.enabled
+    assert not models["other"].cache.enabled
+    (rule,) = config.rules
+    assert rule.lane is rc.LaneName.BATCH and rule.cache is None
+    assert config.cache.max_entries == 5000
 
 
 def test_budgets_validate_their_references() -> None:
