@@ -359,10 +359,16 @@ class _Namespace:
     cache_entries: int = 0
 
 
-def _usable(where: str, route: Route, ns: _Namespace, errors: list[str]) -> list[Target]:
-    """The route's targets whose endpoint is ready; a message in `errors` for every other one."""
+def _usable(
+    where: str,
+    targets: Sequence[Target],
+    ns: _Namespace,
+    errors: list[str],
+    none_left: str = "no usable target, so no endpoint can serve it",
+) -> list[Target]:
+    """The targets whose endpoint is ready; a message in `errors` for every other one."""
     usable: list[Target] = []
-    for target in route.targets:
+    for target in targets:
         ep = ns.endpoints.get(target.endpoint)
         if ep is None:
             errors.append(f"{where}: ModelEndpoint {target.endpoint!r} not found")
@@ -373,7 +379,7 @@ def _usable(where: str, route: Route, ns: _Namespace, errors: list[str]) -> list
         elif target.endpoint not in {t.endpoint for t in usable}:
             usable.append(target)
     if not usable:
-        errors.append(f"{where}: no usable target, so no endpoint can serve it")
+        errors.append(f"{where}: {none_left}")
     return usable
 
 
@@ -413,19 +419,10 @@ def _rc_overflow(
         return None
     where = f"{where} overflow"
     primary = {t.endpoint for t in targets}
-    usable: list[Target] = []
     for target in spec.targets:
-        ep = ns.endpoints.get(target.endpoint)
         if target.endpoint in primary:
             errors.append(f"{where}: {target.endpoint!r} is already a target of the route")
-        elif ep is None:
-            errors.append(f"{where}: ModelEndpoint {target.endpoint!r} not found")
-        elif ep.compiled is None:
-            errors.append(
-                f"{where}: ModelEndpoint {target.endpoint!r} is not ready ({ep.verdict.reason})"
-            )
-        elif target.endpoint not in {t.endpoint for t in usable}:
-            usable.append(target)
+    others = [t for t in spec.targets if t.endpoint not in primary]
     known = {c.name for c in ns.sensitivity.classes}
     unknown = [c for c in spec.never_spill or () if c not in known]
     if unknown:
@@ -434,8 +431,8 @@ def _rc_overflow(
             f"(classes: {_join(sorted(known))}); overflow dropped"
         )
         return None
+    usable = _usable(where, others, ns, errors, "no usable target; overflow dropped")
     if not usable:
-        errors.append(f"{where}: no usable target; overflow dropped")
         return None
     try:
         return rc.Overflow(
@@ -561,7 +558,7 @@ def _compile_rule(
             f"namespace (classes: {_join(sorted(known_classes))})"
         )
         return None
-    targets = _usable(where, rule, ns, errors)
+    targets = _usable(where, rule.targets, ns, errors)
     if targets:
         targets = _satisfiable(where, rule, targets, ns, errors)
     if not targets or not own_aliases:
@@ -597,7 +594,7 @@ def _compile_policy(spec: RoutingPolicySpec, ns: _Namespace, policy: str) -> _Po
         if owner is not None:
             errors.append(f"{where} is already defined by RoutingPolicy {owner!r} (older wins)")
             continue
-        targets = _usable(where, route, ns, errors)
+        targets = _usable(where, route.targets, ns, errors)
         if not targets:
             continue
         try:
@@ -614,7 +611,7 @@ def _compile_policy(spec: RoutingPolicySpec, ns: _Namespace, policy: str) -> _Po
         if compiled is not None:
             rules.append(compiled)
     if spec.default is not None:
-        _usable("default", spec.default, ns, errors)
+        _usable("default", spec.default.targets, ns, errors)
         notes.append("default route")
     if spec.cache.enabled:
         ns.cache_entries = max(ns.cache_entries, spec.cache.max_entries)
