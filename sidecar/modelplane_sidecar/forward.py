@@ -12,6 +12,7 @@ app; after that an upstream failure ends the app's stream with an error event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -153,6 +154,13 @@ class Exchange:
     budget_refusal: BudgetRefusal | None = None
     #: Replicas of self-hosted endpoints that failed this request (retries go elsewhere).
     failed_replicas: set[str] = field(default_factory=set)
+
+
+@functools.lru_cache(maxsize=256)
+def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """aiohttp's timeout for one attempt: it bounds connecting only (`asyncio.timeout` bounds the
+    whole attempt). One object per configured value instead of one per request."""
+    return aiohttp.ClientTimeout(sock_connect=seconds)
 
 
 def cost_usd(endpoint: EndpointRuntime, usage: Usage) -> float:
@@ -438,7 +446,7 @@ class Forwarder:
                     url,
                     headers=req.headers,
                     data=req.body,
-                    timeout=aiohttp.ClientTimeout(sock_connect=cfg.timeouts.connect_seconds),
+                    timeout=_connect_timeout(cfg.timeouts.connect_seconds),
                 ) as resp:
                     data = await resp.read()
                     status = resp.status
@@ -485,7 +493,7 @@ class Forwarder:
                     url,
                     headers=req.headers,
                     data=req.body,
-                    timeout=aiohttp.ClientTimeout(sock_connect=cfg.timeouts.connect_seconds),
+                    timeout=_connect_timeout(cfg.timeouts.connect_seconds),
                 )
                 if resp.status >= 300:
                     data = await resp.read()

@@ -123,6 +123,7 @@ class SidecarMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self._endpoints: dict[tuple[str, str], EndpointSeries] = {}
+        self._decided: dict[tuple[str, str, str, str], Counter] = {}
         self._live: _LiveState | None = None
         self.requests = Counter(
             "modelplane_requests",
@@ -302,6 +303,14 @@ class SidecarMetrics:
             "Failed writes of the audit log (the lines are kept and written again).",
             registry=r,
         )
+
+    def decided(self, model: str, rule: str, strategy: str, arm: str) -> Counter:
+        """The `modelplane_route_decisions` child of these labels, bound on first use."""
+        key = (model, rule, strategy, arm)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(model, rule, strategy, arm)
+        return child
 
     def endpoint(self, name: str, provider: str) -> EndpointSeries:
         """The bound series of one endpoint (created on first use, then reused)."""

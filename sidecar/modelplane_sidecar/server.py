@@ -302,7 +302,7 @@ class Sidecar:
             raise
         decision_s = time.perf_counter() - received
         self.metrics.decision.observe(decision_s)
-        self.metrics.decisions.labels(
+        self.metrics.decided(
             decision.alias.name, decision.rule, decision.strategy.value, decision.arm
         ).inc()
         exchange = Exchange(
