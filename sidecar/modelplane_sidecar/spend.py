@@ -225,6 +225,7 @@ class SpendTracker:
         wait_seconds: float = 5.0,
         low_water: float = 0.25,
         idle_return_seconds: float = 30.0,
+        exhausted_seconds: float = _EXHAUSTED_FRESH_SECONDS,
         on_settle: Callable[[str, str, float, float, Usage | None], None] | None = None,
     ) -> None:
         #: Who this process is on the operator's books: its pod and a per-process id, so a
@@ -233,6 +234,7 @@ class SpendTracker:
         self._wait = wait_seconds
         self._low_water = low_water
         self._idle_return = idle_return_seconds
+        self._exhausted_for = exhausted_seconds
         self._on_settle = on_settle
         self._leases: dict[str, Lease] = {}
         self._send: Send | None = None
@@ -369,7 +371,7 @@ class SpendTracker:
             self._top_up(lease)
             return lease
         loop = asyncio.get_running_loop()
-        if lease.exhausted and loop.time() - lease.exhausted_at < _EXHAUSTED_FRESH_SECONDS:
+        if lease.exhausted and loop.time() - lease.exhausted_at < self._exhausted_for:
             raise self._refusal(lease, amount, None)
         lease.waiting += amount
         try:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
+from budget_helpers import Operator
 
 from modelplane_sidecar.config import Endpoint, Provider, SpendBudget
 from modelplane_sidecar.providers.base import Operation, Usage
@@ -26,38 +26,6 @@ PREMIUM = Endpoint(
     pricing={"inputPerMtok": 10.0, "outputPerMtok": 30.0},
 )
 TEAM = SpendBudget(name="team", enforce=True, max_output_tokens=1000)
-
-
-class Operator:
-    """Answers the tracker's usage messages the way the operator does (tests drive it)."""
-
-    def __init__(self, tracker: SpendTracker, grant: float = 1.0) -> None:
-        self.tracker = tracker
-        self.grant = grant
-        self.granted = 0.0
-        self.sent: list[dict[str, Any]] = []
-        self.exhausted = False
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-        asyncio.get_running_loop().call_soon(self.answer, message)
-
-    def answer(self, message: dict[str, Any]) -> None:
-        items = []
-        for item in message["budgets"]:
-            want = item.get("wantUSD")
-            if want is not None and not self.exhausted:
-                self.granted += max(want, self.grant)
-            items.append(
-                {
-                    "budget": item["budget"],
-                    "epoch": "2026-03-14T00:00:00Z",
-                    "grantedUSD": self.granted,
-                    "remainingUSD": 5.0,
-                    "exhausted": self.exhausted and want is not None,
-                }
-            )
-        self.tracker.on_lease({"type": "lease", "ack": message["seq"], "budgets": items})
 
 
 def test_max_tokens_is_forced_with_the_key_each_provider_takes() -> None:
