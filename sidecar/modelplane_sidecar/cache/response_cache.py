@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
@@ -26,9 +27,11 @@ from ..routing import RoutedRequest
 from ..routing.classify import Sensitivity
 from ..runtime import Snapshot
 from .key import cache_key, deterministic, policy_version, tenant_of
-from .redis_store import RedisStore
 from .replay import StreamRecorder
 from .store import CachedResponse, LocalStore
+
+if TYPE_CHECKING:
+    from .redis_store import RedisStore
 
 #: Request header: `allow` (cache although not deterministic), `no-cache` (do not answer from
 #: the cache, but store the fresh answer), `no-store` (neither); comma-separated.
@@ -160,6 +163,9 @@ class ResponseCache:
         self.redis = None
         if settings is None:
             return
+        # Imported here: the redis client costs about 7 MB of memory, only worth it when used.
+        from .redis_store import RedisStore
+
         backend = "redis"
         self.metrics.backend_up.labels(backend).set(1)
         self.redis = RedisStore(
