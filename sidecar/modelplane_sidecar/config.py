@@ -574,9 +574,9 @@ class BatchLaneSettings(LaneSettings):
     max_concurrency: int | None = Field(default=4, ge=1, le=100_000)
     max_queue: int = Field(default=256, ge=0, le=100_000)
     max_wait_seconds: float = Field(default=300.0, gt=0, le=86400)
-    #: Share of an endpoint's `limits.maxConcurrency` that batch requests may start into: a batch
-    #: request waits until the endpoint has fewer requests in flight than this share, so the rest
-    #: stays free for real-time traffic.
+    #: Share of an endpoint's `limits.maxConcurrency` that batch requests may hold: a batch
+    #: request waits while that many batch requests run there (or the endpoint is full), so the
+    #: rest stays free for real-time traffic.
     endpoint_share: float = Field(default=0.5, gt=0, le=1)
     #: Order a batch request's allowed candidates cheapest first (else: the route's strategy).
     cheapest_first: bool = True

@@ -6,18 +6,17 @@ requests it may forward at once and a bounded FIFO queue for the ones that wait;
 a 429 `lane_queue_full`, a request that waited `maxWaitSeconds` a 503 `lane_wait_timeout`.
 
 Batch requests try their allowed candidates cheapest first (e.g. a self-hosted model before a
-cloud one), and one starts only while its cheapest endpoint has fewer requests in flight than
-`endpointShare` of that endpoint's `limits.maxConcurrency`. Batch traffic can therefore never
-fill more than its share of an endpoint: the rest stays free for real-time requests, however
-many batch requests are waiting. Real-time requests are not limited unless the real-time lane is
-given a `maxConcurrency`; an unlimited lane costs the request path nothing.
+cloud one), and one starts only while fewer batch requests than `endpointShare` of its cheapest
+endpoint's `limits.maxConcurrency` run there (and the endpoint is not full). Batch traffic can
+therefore never hold more than its share of an endpoint: the rest stays free for real-time
+requests, however many batch requests are waiting. Real-time requests are not limited unless the
+real-time lane is given a `maxConcurrency`; an unlimited lane costs the request path nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -98,20 +97,27 @@ class LaneTicket:
     """A taken slot; released once when the request is done."""
 
     lane: Lane
+    #: Batch requests per endpoint; this request counts at `endpoint` until released.
+    counts: dict[str, int] | None = None
+    endpoint: str = ""
     released: bool = False
 
     def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.lane.release()
+        if self.released:
+            return
+        self.released = True
+        if self.counts is not None:
+            self.counts[self.endpoint] -= 1
+        self.lane.release()
 
 
-def endpoint_room(endpoint: EndpointRuntime, share: float) -> bool:
-    """Whether a batch request may start on `endpoint` without exceeding the batch share."""
+def endpoint_room(endpoint: EndpointRuntime, share: float, batch_here: int) -> bool:
+    """Whether one more batch request may start on `endpoint`: fewer batch requests there than
+    its share of the endpoint's `maxConcurrency`, and the endpoint not full."""
     limit = endpoint.config.limits.max_concurrency
     if limit is None:
         return True
-    return endpoint.state.in_flight < max(1, int(limit * share))
+    return batch_here < max(1, int(limit * share)) and endpoint.state.in_flight < limit
 
 
 def cheapest_first(decision: RouteDecision, request: RoutedRequest) -> None:
@@ -198,6 +204,8 @@ class LaneGate:
         self.metrics = LaneMetrics(metrics)
         metrics.registry.register(_LaneState(self._lanes))
         self._rules: dict[str, Mapping[str, LaneName]] = {}
+        #: Batch requests in flight per endpoint (the one each was admitted for).
+        self._batch_at: dict[str, int] = {}
 
     def lane(self, name: LaneName) -> Lane:
         return self._lanes[name]
@@ -234,6 +242,37 @@ class LaneGate:
         """Whether requests of `lane` need admission (an unlimited real-time lane does not)."""
         return lane is LaneName.BATCH or snapshot.config.lanes.realtime.max_concurrency is not None
 
+    async def wait_for_route(
+        self, snapshot: Snapshot, route_again: Callable[[], RouteDecision]
+    ) -> RouteDecision:
+        """A batch request whose every candidate was at its limit (a 429 from routing) waits in
+        the batch queue until routing finds one with room, instead of being refused.
+
+        Raises ApiError 429 `lane_queue_full` or 503 `lane_wait_timeout` like `admit`, or the
+        routing error if the route now refuses for another reason.
+        """
+        found: list[RouteDecision] = []
+
+        def routed() -> bool:
+            try:
+                found[:] = [route_again()]
+            except ApiError as exc:
+                if exc.code == "rate_limit_exceeded":
+                    return False
+                raise
+            return True
+
+        gate = self._lanes[LaneName.BATCH]
+        try:
+            await gate.acquire(snapshot.config.lanes.batch, routed)
+        except ApiError as exc:
+            if exc.code in ("lane_queue_full", "lane_wait_timeout"):
+                self.metrics.rejected.labels(LaneName.BATCH.value, exc.code).inc()
+            raise
+        # The slot is only the turn in the queue; admission proper follows with the decision.
+        gate.release()
+        return found[0]
+
     async def admit(
         self,
         snapshot: Snapshot,
@@ -249,12 +288,20 @@ class LaneGate:
         lanes = snapshot.config.lanes
         room: Callable[[], bool] | None = None
         settings: LaneSettings
+        counts: dict[str, int] | None = None
+        first = ""
         if lane is LaneName.BATCH:
             batch = lanes.batch
             settings = batch
             if batch.cheapest_first:
                 cheapest_first(decision, request)
-            room = functools.partial(endpoint_room, decision.candidates[0], batch.endpoint_share)
+            endpoint = decision.candidates[0]
+            first = endpoint.name
+            counts = self._batch_at
+
+            def room() -> bool:
+                return endpoint_room(endpoint, batch.endpoint_share, counts.get(first, 0))
+
         else:
             settings = lanes.realtime
             if settings.max_concurrency is None:
@@ -268,4 +315,6 @@ class LaneGate:
         self.metrics.admitted.labels(lane.value).inc()
         if waited:
             self.metrics.wait.labels(lane.value).observe(waited)
-        return LaneTicket(gate).release
+        if counts is not None:
+            counts[first] = counts.get(first, 0) + 1
+        return LaneTicket(gate, counts, first).release

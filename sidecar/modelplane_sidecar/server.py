@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auditing import AuditSettings, AuditTrail, RequestEnd, open_trail
 from .cache import CachePlan, ResponseCache
-from .config import ConfigError, LoadSource, RouterConfig, load_config_file
+from .config import ConfigError, LaneName, LoadSource, RouterConfig, load_config_file
 from .errors import ApiError, bad_request
 from .forward import ClientDialect, Exchange, Forwarder
 from .frontdoors import anthropic as anthropic_door
@@ -285,10 +285,13 @@ class Sidecar:
             try:
                 decision = decide(snapshot, routed, trace=trace)
             except ApiError as exc:
-                self.metrics.refusals.labels(
-                    exc.headers.get("x-modelplane-rule", ""), exc.code or ""
-                ).inc()
-                raise
+                waited = await self._batch_wait(snapshot, routed, trace, exc)
+                if waited is None:
+                    self.metrics.refusals.labels(
+                        exc.headers.get("x-modelplane-rule", ""), exc.code or ""
+                    ).inc()
+                    raise
+                decision = waited
             finally:
                 self._count_findings(trace)
             cache, admit = self._strategy(snapshot, routed, decision)
@@ -318,6 +321,18 @@ class Sidecar:
             admit=admit,
         )
         return await self.forwarder.forward(exchange)
+
+    async def _batch_wait(
+        self, snapshot: Snapshot, routed: RoutedRequest, trace: DecisionTrace, error: ApiError
+    ) -> RouteDecision | None:
+        """A batch request that routing refused because every candidate is at its limit waits
+        in the batch queue for room (lanes.py); None: `error` stands."""
+        alias = snapshot.aliases.get(routed.model)
+        if error.code != "rate_limit_exceeded" or trace.route is None or alias is None:
+            return None
+        if self.lanes.lane_for(snapshot, routed, alias, trace.route.name) is not LaneName.BATCH:
+            return None
+        return await self.lanes.wait_for_route(snapshot, lambda: decide(snapshot, routed))
 
     def _strategy(
         self, snapshot: Snapshot, routed: RoutedRequest, decision: RouteDecision

@@ -113,21 +113,24 @@ def _snapshot(**limits: Any) -> Snapshot:
 
 
 @pytest.mark.parametrize(
-    ("limit", "share", "in_flight", "room"),
+    ("limit", "share", "batch", "in_flight", "room"),
     [
-        (None, 0.5, 1000, True),
-        (4, 0.5, 1, True),
-        (4, 0.5, 2, False),
-        (4, 1.0, 3, True),
-        (1, 0.5, 0, True),
-        (1, 0.5, 1, False),
+        (None, 0.5, 1000, 1000, True),
+        (4, 0.5, 1, 3, True),  # one real-time slot still free
+        (4, 0.5, 2, 2, False),  # the batch share is used up
+        (4, 0.5, 1, 4, False),  # full of real-time requests
+        (4, 1.0, 3, 3, True),
+        (1, 0.5, 0, 0, True),  # a share always allows one
+        (1, 0.5, 1, 1, False),
     ],
 )
-def test_endpoint_room(limit: int | None, share: float, in_flight: int, room: bool) -> None:
+def test_endpoint_room(
+    limit: int | None, share: float, batch: int, in_flight: int, room: bool
+) -> None:
     snapshot = _snapshot(maxConcurrency=limit)
     llama = snapshot.endpoints["llama"]
     llama.state.in_flight = in_flight
-    assert endpoint_room(llama, share) is room
+    assert endpoint_room(llama, share, batch) is room
 
 
 def test_cheapest_first_reorders_and_says_so_in_the_trace() -> None:

@@ -211,3 +211,24 @@ async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstr
     assert router.metric("modelplane_lane_admitted_total", lane="batch") == 40
     assert router.metric("modelplane_lane_wait_seconds_count", lane="batch") > 0
     await client.close()
+
+
+def test_a_batch_request_waits_where_real_time_would_get_429(upstreams: Upstreams) -> None:
+    router, _, llama, _ = _world(upstreams, {}, delay=0.3)
+    client = _sync(router)
+
+    def local(**extra: Any) -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model="local", messages=HELLO, **extra
+        )
+
+    busy = [_in_background(local) for _ in range(4)]  # llama's maxConcurrency
+    _wait_for(lambda: len(llama.received) == 4)
+    with pytest.raises(openai.RateLimitError) as caught:
+        local()
+    assert caught.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    raw = local(extra_headers=BATCH)
+    assert raw.headers["x-modelplane-endpoint"] == "llama"
+    for thread in busy:
+        thread.join(10)
+    assert len(llama.received) == 5
