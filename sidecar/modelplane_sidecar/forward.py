@@ -606,10 +606,14 @@ class Forwarder:
                 self._metrics.stream_failures.labels(endpoint.name, broken.kind.value).inc()
                 await response.write(rewrite(_stream_error_event(endpoint.name, message)))
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except (ConnectionResetError, asyncio.CancelledError) as gone:
             outcome = Outcome.CLIENT_DISCONNECTED
             self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
-            raise
+            if isinstance(gone, asyncio.CancelledError):
+                raise
+            # The app closed its end mid-stream (an ordinary event for streams, e.g. a stop
+            # button): accounted above. Returning lets aiohttp drop the connection quietly,
+            # where raising would log an error with a traceback for every such stream.
         finally:
             upstream.close()
             endpoint.state.in_flight -= 1
