@@ -250,3 +250,47 @@ def test_a_template_creates_the_vllm_deployment_and_service_and_reports_readines
         assert workload["deployment"] == workload["service"] == "llama-70b"
     finally:
         operator.stop()
+
+
+def test_the_self_hosted_examples_pass_the_crd_schema(
+    cluster: Cluster, namespace: str, crds: None
+) -> None:
+    examples = Path(__file__).resolve().parents[1] / "examples" / "selfhosted"
+    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(examples))
+    assert result.stdout.count("(server dry run)") == 4
+    # The CEL rules of the new fields hold: one of baseURL/serviceRef/template, and overflow
+    # needs a threshold.
+    both = {
+        "apiVersion": "modelplane.io/v1alpha1",
+        "kind": "ModelEndpoint",
+        "metadata": {"name": "both"},
+        "spec": {
+            "provider": "openai-compatible",
+            "model": "m",
+            "serviceRef": {"name": "s", "port": 8000},
+            "template": {"gpus": 1},
+        },
+    }
+    refused = cluster.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(both), check=False
+    )
+    assert "exactly one of baseURL, serviceRef or template must be set" in refused.stderr
+    no_threshold = {
+        "apiVersion": "modelplane.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "p"},
+        "spec": {
+            "models": [
+                {
+                    "name": "chat",
+                    "targets": [{"endpoint": "a"}],
+                    "overflow": {"targets": [{"endpoint": "b"}]},
+                }
+            ]
+        },
+    }
+    refused = cluster.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-",
+        input=json.dumps(no_threshold), check=False,
+    )  # fmt: skip
+    assert "overflow needs maxQueueDepth or maxPredictedWaitSeconds" in refused.stderr

@@ -215,8 +215,12 @@ class Forwarder:
                 return await self.serve_cached(ex, cached, 0)
         if ex.admit is not None:
             await self._admit(ex)
+        if ex.decision.overflow:
+            self._metrics.overflow.labels(
+                ex.decision.alias.name, ex.decision.rule, ex.decision.overflow
+            ).inc()
         if ex.decision.hold is not None:
-            await self._hold(ex)
+            await self._wait_for_capacity(ex)
         loop = asyncio.get_running_loop()
         alias = ex.decision.alias
         retry = alias.retry
@@ -380,7 +384,7 @@ class Forwarder:
             self._finish(ex, outcome, 200, None, None)
         return response
 
-    async def _hold(self, ex: Exchange) -> None:
+    async def _wait_for_capacity(self, ex: Exchange) -> None:
         """A request that must not spill waits (bounded) for its self-hosted pool's capacity."""
         hold = ex.decision.hold
         assert hold is not None
@@ -388,6 +392,7 @@ class Forwarder:
             await hold.wait()
         except ApiError as exc:
             exc.headers.setdefault("x-request-id", ex.request_id)
+            self._metrics.overflow.labels(ex.decision.alias.name, ex.decision.rule, "refused").inc()
             self._finish(ex, Outcome.REFUSED, exc.status, None, None, error=exc.code)
             raise
 

@@ -194,6 +194,13 @@ class SidecarMetrics:
             buckets=_DECISION_BUCKETS,
             registry=r,
         )
+        self.overflow = Counter(
+            "modelplane_overflow_decisions",
+            "Requests of routes with overflow while their self-hosted targets were saturated: "
+            "spilled to an overflow target, held (never-spill class), or refused after the hold.",
+            ["model", "rule", "outcome"],
+            registry=r,
+        )
         self.decisions = Counter(
             "modelplane_route_decisions",
             "Routing decisions by rule, strategy and A/B arm (the arm of the first candidate).",
@@ -377,6 +384,17 @@ class _LiveState:
                 labels=["endpoint", "provider"],
             ),
             GaugeMetricFamily(
+                "modelplane_endpoint_replicas",
+                "Replicas of a self-hosted endpoint, ready or not (from its EndpointSlices).",
+                labels=["endpoint", "state"],
+            ),
+            GaugeMetricFamily(
+                "modelplane_endpoint_queue_depth",
+                "Requests queued on the least-loaded ready replica of a self-hosted endpoint (the "
+                "engine's own count when its metrics are fresh, else this sidecar's in flight).",
+                labels=["endpoint"],
+            ),
+            GaugeMetricFamily(
                 "modelplane_endpoint_info",
                 "The endpoints of the serving config with their provider, upstream model and "
                 "region (value is always 1).",
@@ -385,7 +403,7 @@ class _LiveState:
         ]
 
     def collect(self) -> Iterable[Metric]:
-        open_, state, in_flight, info = families = self._families()
+        open_, state, in_flight, replicas, queue, info = families = self._families()
         snapshot = self.current()
         if snapshot is None:
             return families
@@ -398,4 +416,12 @@ class _LiveState:
             in_flight.add_metric([name, provider], endpoint.state.in_flight)
             region = endpoint.config.region or ""
             info.add_metric([name, provider, endpoint.config.model, region], 1)
+            pool = endpoint.pool
+            if pool is not None:
+                ready = len(pool.ready())
+                replicas.add_metric([name, "ready"], ready)
+                replicas.add_metric([name, "not_ready"], len(pool.replicas) - ready)
+                sat = pool.saturation(endpoint.state.stats.latency_seconds)
+                if sat is not None:
+                    queue.add_metric([name], sat.queue_depth)
         return families

@@ -73,6 +73,9 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "modelplane_circuit_breaker_state": ("gauge", {"endpoint", "provider", "state"}),
     "modelplane_endpoint_in_flight_requests": ("gauge", {"endpoint", "provider"}),
     "modelplane_endpoint_info": ("gauge", {"endpoint", "provider", "upstream_model", "region"}),
+    "modelplane_overflow_decisions": ("counter", {"model", "rule", "outcome"}),
+    "modelplane_endpoint_replicas": ("gauge", {"endpoint", "state"}),
+    "modelplane_endpoint_queue_depth": ("gauge", {"endpoint"}),
 }
 
 

@@ -183,6 +183,12 @@ def test_overflow_sends_only_non_sensitive_requests_to_cloud_while_saturated(
     )
     assert all("jane.doe" not in str(r.body) for r in cloud.received)
     assert a.served == b.served == 0
+    overflow = "modelplane_overflow_decisions_total"
+    assert router.metric(overflow, rule="model:chat", outcome="spilled") == 1
+    assert router.metric(overflow, rule="model:chat", outcome="held") == 1
+    assert router.metric(overflow, rule="model:chat", outcome="refused") == 1
+    assert router.metric("modelplane_endpoint_replicas", endpoint="llama", state="ready") == 2
+    assert router.metric("modelplane_endpoint_queue_depth", endpoint="llama") == 10
 
     # Capacity back: everything stays on the pool, the cloud sees nothing more.
     a.extra_waiting = b.extra_waiting = 0

@@ -107,6 +107,8 @@ class RouteDecision:
     trace: DecisionTrace | None = None
     #: A never-spill request that must wait for self-hosted capacity first (the forwarder waits).
     hold: CapacityHold | None = None
+    #: What overflow did: "" (pool had capacity, or no overflow), "spilled" or "held".
+    overflow: str = ""
 
 
 def operation_for(body: dict[str, Any], wanted: str | None = None) -> Operation:
@@ -205,12 +207,18 @@ def _run(
             raise
         candidates, unavailable = [], exc
     hold = None
+    overflowed = ""
     if candidates:
         candidates, trace.pick = PICKERS[route.strategy].order(candidates, ctx)
     if route.overflow is not None:
         candidates, hold, trace.overflow = apply_overflow(
             candidates, ctx, snapshot, trace.removed, unavailable
         )
+        spill = {t.endpoint for t in route.overflow.targets}
+        if hold is not None:
+            overflowed = "held"
+        elif candidates and candidates[0].name in spill:
+            overflowed = "spilled"
         if trace.overflow:
             trace.considered.extend(t.endpoint for t in route.overflow.targets)
     candidates, trace.budget = apply_budget(candidates, ctx)
@@ -229,6 +237,7 @@ def _run(
         found.size.input_tokens,
         trace,
         hold,
+        overflowed,
     )
 
 
