@@ -5,6 +5,8 @@ load scrape pushed to sidecars."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,12 +14,18 @@ import pytest
 
 from modelplane_operator.compile import NamespaceInputs, Resource, compile_namespace, wire_config
 from modelplane_operator.crd_models import ModelEndpointSpec, ServiceRef
+from modelplane_operator.distribution.auth import Authenticator
 from modelplane_operator.distribution.hub import ConfigHub, Identity, Session
+from modelplane_operator.distribution.server import StreamServer
 from modelplane_operator.selfhosted import discovery, workload
 from modelplane_operator.selfhosted.loadshare import LoadShare
 from modelplane_operator.selfhosted.tracker import SelfHosted, referenced_service
 from modelplane_sidecar import config as rc
 from modelplane_sidecar.config import parse_config
+from modelplane_sidecar.controlplane import ControlPlaneClient
+from modelplane_sidecar.metrics import SidecarMetrics
+from modelplane_sidecar.pool import LoadReading
+from modelplane_sidecar.server import ConfigHolder
 from modelplane_sidecar.standins import start_site
 from modelplane_sidecar.standins.vllm import VLLMStandIn
 
@@ -381,3 +389,60 @@ async def test_the_operator_scrapes_once_and_pushes_load_to_every_sidecar() -> N
     assert (entry["waiting"], entry["running"]) == (7, 0)
     # One scrape per interval for all three sidecars, not one each.
     assert standin.scrapes <= len(received) // 3 + 2
+
+
+async def test_load_reaches_a_sidecar_over_the_real_config_stream(tmp_path: Path) -> None:
+    """Operator hub + stream server + the sidecar's stream client on loopback sockets: the
+    compiled config arrives, then the operator's scrape of the replica arrives as load."""
+    standin = VLLMStandIn("r1", extra_waiting=7)
+    runner, port = await start_site(standin.app())
+
+    async def review(token: str, audiences: list[str]) -> Mapping[str, Any]:
+        return {
+            "authenticated": token == "tok",
+            "audiences": ["modelplane"],
+            "user": {"username": f"system:serviceaccount:{NS}:app"},
+        }
+
+    hub = ConfigHub()
+    server = StreamServer(hub, Authenticator(review, "modelplane"))
+    server_port = await server.start("127.0.0.1", 0, None)
+    token = tmp_path / "token"
+    token.write_text("tok")
+    holder = ConfigHolder(SidecarMetrics())
+    client = ControlPlaneClient(f"http://127.0.0.1:{server_port}", token, holder, node="app")
+    share = LoadShare(hub, interval=0.2)
+    address = [{"name": "http", "port": port}]
+    result = compile_namespace(
+        NamespaceInputs(
+            NS,
+            [served(loadMetrics={"scrapeIntervalSeconds": 0.2})],
+            [policy()],
+            slices={
+                (NS, "llama"): [endpoint_slice("llama", [{"addresses": ["127.0.0.1"]}], address)]
+            },
+        )
+    )
+    assert result.config is not None and result.version is not None
+    try:
+        hub.publish(NS, result.version, wire_config(result.config))
+        share.update(NS, result.config)
+        client.start()
+
+        def reading() -> LoadReading | None:
+            snapshot = holder.snapshot
+            if snapshot is None:
+                return None
+            return snapshot.pools()["llama"].replicas[0].reading
+
+        for _ in range(200):
+            if reading() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert reading() == LoadReading(waiting=7.0, running=0.0, kv_cache=0.0)
+        assert hub.counts(NS).current == 1
+    finally:
+        await client.stop()
+        await share.stop()
+        await server.stop()
+        await runner.cleanup()
