@@ -218,6 +218,7 @@ def run_wrk(port: int, script: Path, conc: int, seconds: float, cpu: int | None)
     return {
         "requests": raw["requests"],
         "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "seconds": raw["duration_us"] / 1e6,
         "p50_ms": raw["p50_us"] / 1000,
         "p99_ms": raw["p99_us"] / 1000,
         "errors": errors,
@@ -262,6 +263,7 @@ def render(results: list[Result], rate: float) -> str:
         ("|", ""),
         ("max req/s", ">9"),
         ("CPU us/req", ">10"),
+        ("busy", ">4"),
         ("p50 ms", ">7"),
         ("p99 ms", ">7"),
         ("err", ">4"),
@@ -293,6 +295,7 @@ def render(results: list[Result], rate: float) -> str:
             "|",
             f"{w['rps']:.0f}",
             f"{w['cpu_us_per_req']:.0f}",
+            f"{w['busy']:.0%}",
             f"{w['p50_ms']:.2f}",
             f"{w['p99_ms']:.2f}",
             str(w["errors"] + w["non_2xx"]),
@@ -404,6 +407,7 @@ def main() -> int:
                     r.wrk = run_wrk(ports[target], script, conc, args.duration, load_cpu)
                     cpu = served_by.cpu_seconds() - cpu_before
                     r.wrk["cpu_us_per_req"] = cpu / max(1, r.wrk["requests"]) * 1e6
+                    r.wrk["busy"] = cpu / r.wrk["seconds"]
                     r.paced = run_paced(
                         ports[target], body_file, conc, args.rate, args.paced_duration, load_cpu
                     )
@@ -419,6 +423,11 @@ def main() -> int:
             f"for {args.paced_duration:g}s)"
         )
         print(render(results, args.rate))
+        print(
+            "max req/s, CPU us/req, busy: wrk closed loop; CPU and busy are those of the process "
+            "serving the target\n(the upstream for direct, else the proxy): busy near 100% means "
+            "it was the bottleneck. added = p50/p99 minus direct's."
+        )
         for mode in args.modes:
             for conc in args.concurrency:
                 cell = {r.target: r for r in results if r.mode == mode and r.conc == conc}
