@@ -139,7 +139,9 @@ def worst_case_usd(endpoint: Endpoint, input_tokens: int, output_tokens: int) ->
 
 
 @dataclass(slots=True)
-class EndpointTotals:
+class EndpointUsage:
+    """Spend and tokens on one endpoint, cumulative (the `endpoints` of a usage message)."""
+
     usd: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -155,6 +157,38 @@ class EndpointTotals:
             "requests": self.requests,
         }
 
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> EndpointUsage:
+        """Parsed leniently: anything missing, negative or not a number counts as 0."""
+        return cls(
+            usd=_positive(data.get("usd")),
+            input_tokens=int(_positive(data.get("inputTokens"))),
+            output_tokens=int(_positive(data.get("outputTokens"))),
+            cached_input_tokens=int(_positive(data.get("cachedInputTokens"))),
+            requests=int(_positive(data.get("requests"))),
+        )
+
+    def minus(self, other: EndpointUsage) -> EndpointUsage:
+        return EndpointUsage(
+            max(0.0, self.usd - other.usd),
+            max(0, self.input_tokens - other.input_tokens),
+            max(0, self.output_tokens - other.output_tokens),
+            max(0, self.cached_input_tokens - other.cached_input_tokens),
+            max(0, self.requests - other.requests),
+        )
+
+    def add(self, delta: EndpointUsage) -> None:
+        self.usd += delta.usd
+        self.input_tokens += delta.input_tokens
+        self.output_tokens += delta.output_tokens
+        self.cached_input_tokens += delta.cached_input_tokens
+        self.requests += delta.requests
+
+
+def _positive(value: object) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    return float(value) if ok else 0.0  # type: ignore[arg-type]
+
 
 @dataclass(slots=True)
 class Lease:
@@ -168,7 +202,7 @@ class Lease:
     returned: float = 0.0
     #: Worst cases of the calls in flight.
     reserved: float = 0.0
-    endpoints: dict[str, EndpointTotals] = field(default_factory=dict)
+    endpoints: dict[str, EndpointUsage] = field(default_factory=dict)
     #: The operator's last answer said nothing more could be granted now.
     exhausted: bool = False
     #: Seq of the last usage message that asked for more, and of the last one answered.
@@ -240,6 +274,8 @@ class SpendTracker:
         self._send: Send | None = None
         self._seq = 0
         self._dirty = False
+        #: The last recall acted on (its id goes up with every usage message, as `recalled`).
+        self._recalled = 0
 
     # --- the stream ------------------------------------------------------------------------
 
@@ -301,6 +337,10 @@ class SpendTracker:
                 lease.returned += lease.available
                 recall = True
             lease.changed.set()
+        recall_id = message.get("recallId")
+        if isinstance(recall_id, int) and recall_id > self._recalled:
+            self._recalled = recall_id
+            recall = True
         if recall:
             self._report()
 
@@ -332,6 +372,7 @@ class SpendTracker:
             "seq": self._seq,
             "holder": self.holder,
             "resync": resync,
+            "recalled": self._recalled,
             "budgets": [
                 lease.wire(wants.get(name)) for name, lease in sorted(self._leases.items())
             ],
@@ -452,7 +493,7 @@ class SpendTracker:
             lease.settled += charged
             totals = lease.endpoints.get(hold.endpoint)
             if totals is None:
-                totals = lease.endpoints[hold.endpoint] = EndpointTotals()
+                totals = lease.endpoints[hold.endpoint] = EndpointUsage()
             totals.usd += charged
             totals.requests += 1
             if usage is not None:

@@ -8,16 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelplane_operator.budget.ledger import (
-    BudgetLedger,
-    EndpointUsage,
-    Report,
-    Terms,
-    Threshold,
-)
+from modelplane_operator.budget.ledger import BudgetLedger, Report, Terms, Threshold
 from modelplane_operator.budget.period import PeriodError, epoch, period_bounds
 from modelplane_operator.crd_models import BudgetAction, BudgetPeriod, BudgetSpec
 from modelplane_sidecar.config import BudgetMode, Tier
+from modelplane_sidecar.spend import EndpointUsage
 
 NOW = dt.datetime(2026, 3, 14, 15, 9, 26, tzinfo=dt.UTC)
 

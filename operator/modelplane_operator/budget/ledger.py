@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelplane_sidecar.config import BudgetMode, Tier
+from modelplane_sidecar.spend import EndpointUsage
 
 from ..crd_models import BudgetAction, BudgetSpec
 from .period import epoch, period_bounds
@@ -34,46 +35,6 @@ from .period import epoch, period_bounds
 EPSILON = 1e-9
 #: A blocking Budget's default largest lease, as a share of its cap.
 DEFAULT_LEASE_SHARE = 0.02
-
-
-@dataclass(slots=True)
-class EndpointUsage:
-    """Spend and tokens on one endpoint (cumulative)."""
-
-    usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0
-    requests: int = 0
-
-    @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> EndpointUsage:
-        return cls(
-            usd=_money(data.get("usd")),
-            input_tokens=_count(data.get("inputTokens")),
-            output_tokens=_count(data.get("outputTokens")),
-            cached_input_tokens=_count(data.get("cachedInputTokens")),
-            requests=_count(data.get("requests")),
-        )
-
-    def minus(self, other: EndpointUsage) -> EndpointUsage:
-        return EndpointUsage(
-            max(0.0, self.usd - other.usd),
-            max(0, self.input_tokens - other.input_tokens),
-            max(0, self.output_tokens - other.output_tokens),
-            max(0, self.cached_input_tokens - other.cached_input_tokens),
-            max(0, self.requests - other.requests),
-        )
-
-    def add(self, delta: EndpointUsage) -> None:
-        self.usd += delta.usd
-        self.input_tokens += delta.input_tokens
-        self.output_tokens += delta.output_tokens
-        self.cached_input_tokens += delta.cached_input_tokens
-        self.requests += delta.requests
-
-    def empty(self) -> bool:
-        return self.requests == 0 and self.usd <= EPSILON
 
 
 def _money(value: object) -> float:

@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry, Gauge
 from pydantic import ValidationError
 
 from modelplane_sidecar.config import BudgetMode
-from modelplane_sidecar.spend import LEASE
+from modelplane_sidecar.spend import LEASE, EndpointUsage
 
 from ..crd_models import BudgetSpec
-from .ledger import EPSILON, BudgetLedger, EndpointUsage, Report, Terms, Threshold
+from .ledger import EPSILON, BudgetLedger, Report, Terms, Threshold
 from .period import epoch
 
 log = logging.getLogger("modelplane.operator.budget")
@@ -66,6 +66,9 @@ class _Parked:
     want: float
     seq: int
     deadline: float
+    #: Recalled holders that have not answered the recall yet, and the recall's id.
+    waiting_on: set[str] = field(default_factory=set)
+    recall: int = 0
 
 
 @dataclass
@@ -205,6 +208,7 @@ class BudgetService:
         self._sessions: dict[str, set[SpendSession]] = {}
         self._writers: dict[tuple[str, str], _Writer] = {}
         self._parked: list[_Parked] = []
+        self._recalls = 0
         self._dirty: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -301,6 +305,12 @@ class BudgetService:
             want = item.get("wantUSD")
             if isinstance(want, int | float) and not isinstance(want, bool):
                 wants[ledger.name] = max(0.0, float(want))
+        answered = message.get("recalled")
+        if isinstance(answered, int):
+            # This sidecar has acted on every recall up to `answered`.
+            for parked in self._parked:
+                if parked.recall <= answered:
+                    parked.waiting_on.discard(session.holder)
         await self._retry_parked(session.namespace)
         if not wants:
             if seq is not None:
@@ -324,8 +334,9 @@ class BudgetService:
             exhausted = {}  # nothing was granted; the sidecar asks again
             recall = {}
         for name, others in recall.items():
-            self._park(session, name, wants[name], seq or 0)
-            await self._recall(session.namespace, name, others)
+            self._recalls += 1
+            self._park(session, name, wants[name], seq or 0, others, self._recalls)
+            await self._recall(session.namespace, name, others, self._recalls)
         if seq is not None and recall and set(recall) == set(wants):
             return  # the answer waits for the recalled leases (or the deadline)
         await self._send(session, seq, exhausted, skip=set(recall))
@@ -383,9 +394,17 @@ class BudgetService:
         if ledger.mode() != mode_before and self.mode_changed is not None:
             self.mode_changed(session.namespace)
 
-    def _park(self, session: SpendSession, budget: str, want: float, seq: int) -> None:
+    def _park(
+        self,
+        session: SpendSession,
+        budget: str,
+        want: float,
+        seq: int,
+        recalled: list[str],
+        recall: int,
+    ) -> None:
         deadline = asyncio.get_running_loop().time() + self._recall_wait
-        self._parked.append(_Parked(session, budget, want, seq, deadline))
+        self._parked.append(_Parked(session, budget, want, seq, deadline, set(recalled), recall))
         task = asyncio.get_running_loop().create_task(self._expire_later(self._recall_wait))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -417,7 +436,8 @@ class BudgetService:
             parked.want -= amount
             if parked.want <= EPSILON:
                 answer.append((parked, False))
-            elif now >= parked.deadline - 1e-3:
+            elif not parked.waiting_on or now >= parked.deadline - 1e-3:
+                # Every recalled sidecar answered (or the wait is over) and it still does not fit.
                 answer.append((parked, True))
             else:
                 keep.append(parked)
@@ -428,11 +448,11 @@ class BudgetService:
         for parked, exhausted in answer:
             await self._send(parked.session, parked.seq, {parked.budget: exhausted})
 
-    async def _recall(self, namespace: str, budget: str, holders: list[str]) -> None:
+    async def _recall(self, namespace: str, budget: str, holders: list[str], recall: int) -> None:
         wanted = set(holders)
         for session in list(self._sessions.get(namespace, ())):
             if session.holder in wanted:
-                await self._send(session, None, {}, recall={budget})
+                await self._send(session, None, {}, recall={budget}, recall_id=recall)
 
     async def _send(
         self,
@@ -442,6 +462,7 @@ class BudgetService:
         *,
         recall: set[str] | None = None,
         skip: set[str] | None = None,
+        recall_id: int | None = None,
     ) -> None:
         items = []
         for name, ledger in sorted(self._ledgers.get(session.namespace, {}).items()):
@@ -468,6 +489,8 @@ class BudgetService:
         message: dict[str, Any] = {"type": LEASE, "budgets": items}
         if ack is not None:
             message["ack"] = ack
+        if recall_id is not None:
+            message["recallId"] = recall_id
         try:
             await session.send(orjson.dumps(message))
         except (ConnectionError, RuntimeError) as exc:
