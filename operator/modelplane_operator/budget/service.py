@@ -277,7 +277,9 @@ class BudgetService:
         self._sessions.setdefault(session.namespace, set()).add(session)
         for ledger in self._ledgers.get(session.namespace, {}).values():
             ledger.connect(session.holder)
-        await self._send(session, None, {})
+        # No grant amounts yet: the sidecar's resync (already on its way) says what it holds,
+        # and the books follow it; an amount sent now could be one it never received.
+        await self._send(session, None, {}, grants=False)
 
     def disconnect(self, session: SpendSession) -> None:
         sessions = self._sessions.get(session.namespace)
@@ -463,6 +465,7 @@ class BudgetService:
         recall: set[str] | None = None,
         skip: set[str] | None = None,
         recall_id: int | None = None,
+        grants: bool = True,
     ) -> None:
         items = []
         for name, ledger in sorted(self._ledgers.get(session.namespace, {}).items()):
@@ -479,6 +482,8 @@ class BudgetService:
                 "mode": "block" if mode is BudgetMode.STOP else mode.value,
                 "enforce": ledger.terms.enforced,
             }
+            if not grants:
+                del item["grantedUSD"]
             if tier is not None:
                 item["tier"] = tier.value
             if exhausted.get(name):
