@@ -74,6 +74,7 @@ def _serve_control_plane(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from modelplane_operator.ha.cli import replica_settings_from_args
     from modelplane_operator.injection import InjectionError
     from modelplane_operator.injection.cli import keeper_settings_from_args, settings_from_args
     from modelplane_operator.main import OperatorOptions, run_operator
@@ -90,6 +91,9 @@ def _operator(args: argparse.Namespace) -> int:
             raise InjectionError("the injection webhook needs --tls-namespace (its certificates)")
         elif not (args.tls_cert_file and args.tls_key_file):
             raise InjectionError("give --tls-cert-file and --tls-key-file, or --tls-namespace")
+        replica = replica_settings_from_args(
+            args, certificates.hosts[0] if certificates is not None else None
+        )
     except (InjectionError, ValueError) as exc:
         print(f"modelplane operator: {exc}", file=sys.stderr)
         return 2
@@ -105,6 +109,7 @@ def _operator(args: argparse.Namespace) -> int:
         audience=args.audience,
         debounce_seconds=args.debounce,
         namespaces=tuple(args.namespace or ()),
+        replica=replica,
     )
     return _run(run_operator(options))
 
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_injection_arguments(op, required=False)
+    from modelplane_operator.ha.cli import add_election_arguments
+
+    add_election_arguments(op)
     op.set_defaults(func=_operator)
 
     webhook = sub.add_parser("webhook", help="run only the sidecar injection webhook")

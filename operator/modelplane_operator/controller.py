@@ -14,7 +14,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +57,18 @@ def _relevant(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What of an object the compiler reads; a status-only update changes none of it.
 
     A Budget's spend comes from the operator's own books (`BudgetService`), which ask for a
-    recompile when a budget's mode changes, so its status writes do not trigger one.
+    recompile when a budget's mode changes, so its status writes do not trigger one. Replicas
+    that do not keep the books (followers) compile its mode from the status the leader wrote,
+    so for them the thresholds it reached and its period count too.
     """
     meta = body.get("metadata", {})
-    return (meta.get("generation"), meta.get("creationTimestamp"))
+    status = body.get("status") or {}
+    return (
+        meta.get("generation"),
+        meta.get("creationTimestamp"),
+        status.get("thresholdsReached"),
+        status.get("periodStart"),
+    )
 
 
 def threshold_condition(ledger: BudgetLedger) -> tuple[str, str, str]:
@@ -124,6 +132,14 @@ class Controller:
         #: EndpointSlices of referenced Services, template Deployments, the shared load scrape.
         self.selfhosted = SelfHosted(kube, hub)
         hub.on_change = self.sidecars_changed
+        #: With leader election (`ha/`): whether this replica writes (status, Events, model
+        #: servers), and whether it keeps the budget books (the leader, once it has read them).
+        self.leading: Callable[[], bool] = lambda: True
+        self.keeps_budgets: Callable[[], bool] = lambda: True
+        #: Sidecars of a namespace against a version: this replica's own, or the fleet's.
+        self.sidecar_counts: Callable[[str, str | None], SidecarCounts] = (
+            lambda namespace, version: self._hub.counts(namespace)
+        )
 
     # --- what the handlers call ------------------------------------------------------------
 
@@ -222,7 +238,9 @@ class Controller:
                 body
                 for key, body in self._objects.items()
                 if key.namespace == namespace and key.kind == BUDGET.kind
-            ],
+            ]
+            if self.keeps_budgets()
+            else [],
         )
         return NamespaceInputs(
             namespace,
@@ -268,14 +286,15 @@ class Controller:
             self._compiled[namespace] = compiled
             self.selfhosted.published(namespace, config)
             try:
-                await self.selfhosted.ensure_workloads(
-                    namespace,
-                    [
-                        body
-                        for key, body in self._objects.items()
-                        if key.namespace == namespace and key.kind == MODEL_ENDPOINT.kind
-                    ],
-                )
+                if self.leading():
+                    await self.selfhosted.ensure_workloads(
+                        namespace,
+                        [
+                            body
+                            for key, body in self._objects.items()
+                            if key.namespace == namespace and key.kind == MODEL_ENDPOINT.kind
+                        ],
+                    )
             except (KubeError, OSError, TimeoutError):
                 self._retry_later(namespace)
             if not inputs.endpoints and not inputs.policies and not inputs.budgets:
@@ -297,10 +316,12 @@ class Controller:
         body = self._objects.get(key)
         if verdict is None or body is None:
             return None
+        if key.kind == BUDGET.kind and not self.keeps_budgets():
+            return None  # the leader writes it once it has read the books
         old_conditions = {
             c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []
         }
-        counts = self._hub.counts(key.namespace)
+        counts = self.sidecar_counts(key.namespace, compiled.version)
         ready = (
             "True" if verdict.ready else "False",
             verdict.reason,
@@ -366,6 +387,8 @@ class Controller:
     async def _write_statuses(self, compiled: CompiledNamespace) -> None:
         keys = [k for k in self._objects if k.namespace == compiled.namespace]
         for key in sorted(keys, key=lambda k: (k.kind, k.name)):
+            if not self.leading():
+                return  # followers compile and serve, but only the leader writes
             status = self._status_for(key, compiled)
             if status is None:
                 continue
@@ -395,6 +418,8 @@ class Controller:
         """
         key = ObjectKey(BUDGET.kind, namespace, name)
         async with self._lock(namespace):
+            if not self.keeps_budgets() or not self.leading():
+                raise KubeError(409, "this operator replica does not keep the budget books")
             compiled = self._compiled.get(namespace)
             status = self._status_for(key, compiled) if compiled is not None else None
             if status is None:
@@ -404,6 +429,10 @@ class Controller:
                 return
             previous = self._written.get(key) or self._objects[key].get("status")
             await self._kube.patch_status(GROUP, VERSION, BUDGET.plural, namespace, name, status)
+            if not self.keeps_budgets():
+                # The lease ran out while writing: a new leader may already have read the books,
+                # so the grant this write was for must not be sent (docs/operator.md).
+                raise KubeError(409, "lost the leader lease while writing the budget books")
             self._written[key] = comparable
             await self._ready_event(key, status, previous)
 
@@ -411,7 +440,7 @@ class Controller:
         self, namespace: str, name: str, threshold: Threshold, ledger: BudgetLedger
     ) -> None:
         body = self._objects.get(ObjectKey(BUDGET.kind, namespace, name))
-        if body is None:
+        if body is None or not self.leading():
             return
         involved = {
             "apiVersion": API_VERSION,
@@ -442,7 +471,7 @@ class Controller:
         if before is not None and all(before.get(f) == ready[f] for f in _READY_FIELDS):
             return
         body = self._objects.get(key)
-        if body is None or (before is None and ready["status"] == "True"):
+        if body is None or (before is None and ready["status"] == "True") or not self.leading():
             return
         meta = body.get("metadata", {})
         involved = {
@@ -459,6 +488,45 @@ class Controller:
             )
         except KubeError as exc:
             log.warning("event for %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
+
+    # --- leadership (ha/replica.py calls these) --------------------------------------------
+
+    async def take_over(self) -> None:
+        """This replica became the leader: read the Budgets afresh from the apiserver (never
+        from the watch, which may lag a write of the old leader), start their books from that,
+        and write every object's status anew."""
+        fresh: dict[ObjectKey, Mapping[str, Any] | None] = {}
+        for key in [k for k in self._objects if k.kind == BUDGET.kind]:
+            path = f"/apis/{GROUP}/{VERSION}/namespaces/{key.namespace}/{BUDGET.plural}/{key.name}"
+            try:
+                fresh[key] = await self._kube.request("GET", path)
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+                fresh[key] = None
+        for key, body in fresh.items():
+            if body is None:
+                self._objects.pop(key, None)
+            elif key in self._objects:
+                self._objects[key] = body
+        namespaces = sorted({k.namespace for k in self._objects})
+        for namespace in namespaces:
+            budgets = [
+                body
+                for key, body in self._objects.items()
+                if key.namespace == namespace and key.kind == BUDGET.kind
+            ]
+            self.budgets.sync(namespace, [])  # books from before (a past term) are stale
+            self.budgets.sync(namespace, budgets)
+        self._written.clear()
+        for namespace in namespaces:
+            self.schedule(namespace)
+
+    def stand_down(self) -> None:
+        """Another replica leads: drop the budget books (only the leader keeps them)."""
+        for namespace in sorted({k.namespace for k in self._objects}):
+            self.budgets.sync(namespace, [])
+        self._written.clear()
 
     async def close(self) -> None:
         await self.selfhosted.close()

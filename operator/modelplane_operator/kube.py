@@ -46,6 +46,8 @@ class KubeClient:
         self._server = str(info.server).rstrip("/")
         self._ssl: ssl.SSLContext = info.as_ssl_context()
         self._session: aiohttp.ClientSession | None = None
+        #: Who posts Events (`reportingInstance`): the replica's identity with leader election.
+        self.instance = os.uname().nodename
 
     @property
     def default_namespace(self) -> str | None:
@@ -129,7 +131,7 @@ class KubeClient:
             "message": message[:1024],
             "source": {"component": "modelplane-operator"},
             "reportingComponent": "modelplane.io/operator",
-            "reportingInstance": os.uname().nodename,
+            "reportingInstance": self.instance,
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,

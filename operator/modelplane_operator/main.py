@@ -13,6 +13,7 @@ from .controller import Controller
 from .distribution.auth import Authenticator
 from .distribution.hub import ConfigHub
 from .distribution.server import StreamServer, server_ssl_context
+from .ha.replica import Replica, ReplicaSettings
 from .handlers import build_registry
 from .injection import InjectionSettings
 from .injection.keeper import KeeperSettings
@@ -45,6 +46,8 @@ class OperatorOptions:
     debounce_seconds: float = 0.2
     #: Namespaces to watch; empty: the whole cluster.
     namespaces: tuple[str, ...] = ()
+    #: Leader election among several replicas; None: this process is the only writer.
+    replica: ReplicaSettings | None = None
 
 
 def operator_settings() -> kopf.OperatorSettings:
@@ -87,6 +90,19 @@ async def run_operator(options: OperatorOptions) -> int:
         context = server_ssl_context(str(options.tls_cert_file), str(options.tls_key_file))
     else:
         raise ValueError("the stream server needs --tls-cert-file/--tls-key-file or --tls-secret")
+    replica: Replica | None = None
+    if options.replica is not None:
+        peer_ca = (lambda: tls.material.ca_cert) if tls is not None else None
+        replica = Replica(
+            options.replica,
+            kube,
+            controller,
+            stream,
+            hub,
+            peer_ca=peer_ca,
+            registry=metrics.registry,
+        )
+        replica.start()
     await stream.start(options.host, options.port, context)
     try:
         await kopf.operator(
@@ -97,6 +113,8 @@ async def run_operator(options: OperatorOptions) -> int:
             namespaces=options.namespaces,
         )
     finally:
+        if replica is not None:
+            await replica.stop()  # hands the lease over before anything else stops
         await controller.close()
         await budgets.close()
         await stream.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -24,12 +25,17 @@ from ..kube import KubeError
 from ..metrics import OperatorMetrics
 from .auth import Authenticator, AuthError
 from .hub import ConfigHub, Identity, Session
+from .relay import RELAY, SpendRelay, SpendRelays
 
 log = logging.getLogger("modelplane.operator.stream")
 
 HELLO_TIMEOUT_SECONDS = 10.0
 #: A config with a few hundred endpoints is well below this; it bounds what a sidecar can send.
 MAX_MESSAGE_BYTES = 64 * 1024
+#: Close codes: spend moved to another replica (reconnect now); a relay reached a replica that
+#: does not keep the budget books (try again later).
+SPEND_MOVED = 1012
+NOT_THE_LEADER = 1013
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -53,8 +59,14 @@ class StreamServer:
         #: The budget books; sidecars that speak the spend protocol report usage to them.
         self.budgets: BudgetService | None = None
         self.metrics = metrics or OperatorMetrics()
+        #: Whether this replica keeps the budget books (with leader election: the leader, once
+        #: it has read them). If not, `relays` carries its sidecars' spend to the leader.
+        self.keeps_budgets: Callable[[], bool] = lambda: True
+        self.relays: SpendRelays | None = None
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
+        #: Streams that carry spend (kept here or relayed), closed when the leader changes.
+        self._spend_streams: set[web.WebSocketResponse] = set()
 
     def build_app(self) -> web.Application:
         app = web.Application()
@@ -99,12 +111,14 @@ class StreamServer:
         await ws.prepare(request)
         self._sockets.add(ws)
         try:
-            await self._serve(ws, identity, request.remote or "")
+            await self._serve(ws, identity, request.remote or "", token.strip())
         finally:
             self._sockets.discard(ws)
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, identity: Identity, remote: str) -> None:
+    async def _serve(
+        self, ws: web.WebSocketResponse, identity: Identity, remote: str, token: str
+    ) -> None:
         try:
             first = await ws.receive(timeout=HELLO_TIMEOUT_SECONDS)
         except TimeoutError:
@@ -119,6 +133,9 @@ class StreamServer:
         async def send(message: bytes) -> None:
             await ws.send_frame(message, WSMsgType.TEXT)
 
+        if hello.get(RELAY) is not None:
+            await self._serve_relayed(ws, identity, node, hello, send)
+            return
         session = Session(identity, node, send, _text(hello.get("version"), 64))
         log.info(
             "sidecar %s connected (namespace %s, serviceaccount %s, running %s)",
@@ -128,7 +145,12 @@ class StreamServer:
             session.acked,
         )
         self.hub.connect(session)
-        spend = self._spend_session(identity, node, hello, send)
+        spend = self._spend_session(identity, node, hello, send) if self.keeps_budgets() else None
+        relay: SpendRelay | None = None
+        if spend is None and self.relays is not None and _speaks_spend(hello):
+            relay = self.relays.open(token, hello, send, self._closer(ws))
+        if spend is not None or relay is not None:
+            self._spend_streams.add(ws)
         try:
             if spend is not None and self.budgets is not None:
                 await self.budgets.connect(spend)
@@ -141,6 +163,8 @@ class StreamServer:
                 if data.get("type") == USAGE:
                     if spend is not None and self.budgets is not None:
                         await self.budgets.usage(spend, data)
+                    elif relay is not None:
+                        relay.send(msg.data.encode() if isinstance(msg.data, str) else msg.data)
                     continue
                 version = _text(data.get("version"), 64)
                 if version is None:
@@ -151,10 +175,60 @@ class StreamServer:
                     error = _text(data.get("error"), MAX_NACK_ERROR) or "no reason given"
                     self.hub.answer(session, version, error)
         finally:
+            self._spend_streams.discard(ws)
             self.hub.disconnect(session)
             if spend is not None and self.budgets is not None:
                 self.budgets.disconnect(spend)
+            if relay is not None:
+                await relay.close()
             log.info("sidecar %s in %s disconnected", node, identity.namespace)
+
+    async def _serve_relayed(
+        self,
+        ws: web.WebSocketResponse,
+        identity: Identity,
+        node: str,
+        hello: dict[str, Any],
+        send: Send,
+    ) -> None:
+        """Another replica relays one of its sidecars' spend messages: books only, no configs."""
+        spend = self._spend_session(identity, node, hello, send)
+        if spend is None or self.budgets is None or not self.keeps_budgets():
+            await ws.close(
+                code=NOT_THE_LEADER, message=b"this operator replica does not keep the budget books"
+            )
+            return
+        log.info("budget relay for sidecar %s in %s opened", node, identity.namespace)
+        self._spend_streams.add(ws)
+        try:
+            await self.budgets.connect(spend)
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break
+                data = _decode(msg.data)
+                if data is not None and data.get("type") == USAGE:
+                    await self.budgets.usage(spend, data)
+        finally:
+            self._spend_streams.discard(ws)
+            self.budgets.disconnect(spend)
+
+    def _closer(self, ws: web.WebSocketResponse) -> Callable[[str], Coroutine[Any, Any, None]]:
+        async def close(reason: str) -> None:
+            await ws.close(code=SPEND_MOVED, message=reason.encode()[:120])
+
+        return close
+
+    async def drop_spend_streams(self, reason: str) -> int:
+        """Close every stream that carries spend, kept here or relayed: its sidecar reconnects
+        and resynchronises its leases with the replica that keeps the books now."""
+        sockets = list(self._spend_streams)
+        await asyncio.gather(
+            *(ws.close(code=SPEND_MOVED, message=reason.encode()[:120]) for ws in sockets),
+            return_exceptions=True,
+        )
+        if sockets:
+            log.info("closed %d streams that carry spend: %s", len(sockets), reason)
+        return len(sockets)
 
     def _spend_session(
         self, identity: Identity, node: str, hello: dict[str, Any], send: Send
@@ -164,8 +238,7 @@ class StreamServer:
         The pod part comes from the token review (when it names one), so a sidecar cannot book
         spend under another pod's name.
         """
-        features = hello.get("features")
-        if self.budgets is None or not isinstance(features, list) or SPEND_FEATURE not in features:
+        if self.budgets is None or not _speaks_spend(hello):
             return None
         claimed = _text(hello.get("holder"), 128) or ""
         process = claimed.rpartition("/")[2]
@@ -189,6 +262,13 @@ class StreamServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.relays is not None:
+            await self.relays.close()
+
+
+def _speaks_spend(hello: dict[str, Any]) -> bool:
+    features = hello.get("features")
+    return isinstance(features, list) and SPEND_FEATURE in features
 
 
 def _decode(raw: str | bytes) -> dict[str, Any] | None:
