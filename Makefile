@@ -37,7 +37,7 @@ e2e: $(STAMP)
 
 test: lint unit e2e
 
-# Sidecar vs bare proxy vs direct load benchmark (~2 min; installs wrk if missing).
+# Sidecar vs bare proxy vs direct load benchmark (~2.5 min; installs wrk if missing).
 bench: $(STAMP)
 	bash bench/run.sh
 
