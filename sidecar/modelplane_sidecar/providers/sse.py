@@ -54,6 +54,11 @@ def _parse_event(raw: bytes) -> SSEEvent | None:
     # with the blank line): the same result as the general parse below, without splitting lines.
     if raw.startswith(b"data: ") and raw.find(b"\n", 6) == len(raw) - 2:
         return SSEEvent(None, raw[6:-2], raw)
+    return _parse_lines(raw)
+
+
+def _parse_lines(raw: bytes) -> SSEEvent | None:
+    """The general parse of one event: fields line by line, comments skipped."""
     name: str | None = None
     data: list[bytes] = []
     for line in raw.split(b"\n"):
