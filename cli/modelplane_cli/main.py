@@ -121,8 +121,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from modelplane_sidecar import logs
+
     from .demo.run import run_demo
 
+    # The table is the demo's output; only problems should interrupt it.
+    logs.configure("warning", json_lines=False)
     return _run(run_demo())
 
 

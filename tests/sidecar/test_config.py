@@ -93,6 +93,7 @@ def test_version_is_a_content_hash_that_ignores_nothing_but_metadata_version() -
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "x")
     monkeypatch.setenv("DEEPSEEK_API_KEY", "x")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "x")
     config = load_config_text(EXAMPLE.read_text(), str(EXAMPLE))
     assert {m.name for m in config.models} >= {"chat", "embed"}
 

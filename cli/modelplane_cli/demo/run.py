@@ -20,14 +20,19 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from modelplane_sidecar.config import RouterConfig, load_config_file
+from modelplane_sidecar.config import Provider, RouterConfig, load_config_file
 from modelplane_sidecar.server import create_app
 from modelplane_sidecar.standins import start_site
+from modelplane_sidecar.standins.anthropic import AnthropicStandIn
 from modelplane_sidecar.standins.openai import Behaviour, OpenAIStandIn
 
 CONFIG_PATH = Path(__file__).with_name("router.yaml")
 
-_DEMO_KEYS = {"OPENAI_API_KEY": "sk-demo-openai-0000", "DEEPSEEK_API_KEY": "sk-demo-deepseek-0000"}
+_DEMO_KEYS = {
+    "OPENAI_API_KEY": "sk-demo-openai-0000",
+    "DEEPSEEK_API_KEY": "sk-demo-deepseek-0000",
+    "ANTHROPIC_API_KEY": "sk-ant-demo-0000",
+}
 
 
 @dataclass
@@ -83,7 +88,7 @@ async def _pick_reason(session: aiohttp.ClientSession, base: str, step: Step) ->
 
 
 def _print_table(rows: list[list[str]]) -> None:
-    header = ["#", "request", "status", "endpoint", "rule", "tries", "fallbacks", "why"]
+    header = ["#", "request", "status", "endpoint", "rule", "tries", "fallbacks", "cache", "why"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     print(line)
@@ -96,18 +101,18 @@ async def run_demo() -> int:
     for key, value in _DEMO_KEYS.items():
         os.environ.setdefault(key, value)
     config = load_config_file(CONFIG_PATH)
-    standins = {
-        e.name: OpenAIStandIn(
-            name=e.name, api_key=e.api_key.resolve() if e.api_key is not None else None
-        )
-        for e in config.endpoints
-    }
+    standins: dict[str, OpenAIStandIn | AnthropicStandIn] = {}
+    for e in config.endpoints:
+        api_key = e.api_key.resolve() if e.api_key is not None else None
+        kind = AnthropicStandIn if e.provider is Provider.ANTHROPIC else OpenAIStandIn
+        standins[e.name] = kind(name=e.name, api_key=api_key)
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}
     for name, standin in standins.items():
         runner, port = await start_site(standin.app())
         runners.append(runner)
-        urls[name] = f"http://127.0.0.1:{port}/v1"
+        suffix = "" if isinstance(standin, AnthropicStandIn) else "/v1"
+        urls[name] = f"http://127.0.0.1:{port}{suffix}"
     router_runner, router_port = await start_site(create_app(_point_at(config, urls)))
     runners.append(router_runner)
     base = f"http://127.0.0.1:{router_port}"
@@ -116,6 +121,7 @@ async def run_demo() -> int:
 
     primary = standins["openai-gpt-4o-mini"]
     second = standins["deepseek-chat"]
+    premium = standins["openai-gpt-4o"]
     chat = "/v1/chat/completions"
     ab_users = [f"user-{i}" for i in range(1, 5)]
     steps: list[tuple[Step, Any]] = [
@@ -155,6 +161,33 @@ async def run_demo() -> int:
             )
             for user in [*ab_users, ab_users[0]]
         ],
+        (
+            Step(
+                "cross-provider",
+                chat,
+                _chat("assistant", "Plan my week", stream=True),
+                "gpt-4o 500 -> Claude served, Anthropic events translated to OpenAI chunks",
+            ),
+            lambda: premium.then(Behaviour("status", 500)),
+        ),
+        (
+            Step(
+                "cached FAQ",
+                chat,
+                _chat("faq", "What are your opening hours?", temperature=0),
+                "temperature 0: cache miss, answer stored",
+            ),
+            None,
+        ),
+        (
+            Step(
+                "cached FAQ",
+                chat,
+                _chat("faq", "What are your opening hours?", temperature=0),
+                "same question: cache hit, no upstream call",
+            ),
+            None,
+        ),
         (
             Step(
                 "chat", "/v1/chat/completions", _chat("chat", "What is a Pod?"), "primary healthy"
@@ -251,6 +284,7 @@ async def run_demo() -> int:
                     headers.get("x-modelplane-rule", "-"),
                     headers.get("x-modelplane-attempts", "-"),
                     headers.get("x-modelplane-fallbacks", "-"),
+                    headers.get("x-modelplane-cache", "-"),
                     why,
                 ]
             )
