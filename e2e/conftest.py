@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, ClusterStartError, MissingBinaries, find_binaries, start_cluster
+from cluster import (
+    CertFiles,
+    Cluster,
+    ClusterStartError,
+    MissingBinaries,
+    find_binaries,
+    start_cluster,
+)
+from operator_helpers import StandIns, install_crds, standins
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _CLUSTER_DIR = pytest.StashKey[Path]()
@@ -55,6 +63,25 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: Cluster) -> None:
+    """Modelplane's CRDs installed and Established (once per test module)."""
+    install_crds(cluster)
+
+
+@pytest.fixture(scope="module")
+def operator_cert(cluster: Cluster) -> CertFiles:
+    """A serving cert for a `modelplane operator` process on 127.0.0.1."""
+    return cluster.issue_serving_cert("modelplane-operator")
+
+
+@pytest.fixture
+def servers() -> Iterator[StandIns]:
+    """OpenAI stand-ins on loopback, stopped after the test."""
+    with standins() as s:
+        yield s
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

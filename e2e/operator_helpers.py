@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 from aiohttp import web
 from cluster import CertFiles, Cluster
 
@@ -63,6 +64,18 @@ def install_crds(cluster: Cluster) -> None:
     for path in sorted(CRDS.glob("*.yaml")):
         name = path.name.split("_", 1)[1].removesuffix(".yaml") + "." + GROUP
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+
+
+def apply(cluster: Cluster, namespace: str, *objects: dict[str, Any]) -> None:
+    """`kubectl apply` of `objects`, as one List, in `namespace`."""
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+    )
 
 
 def service_account_token(
@@ -208,6 +221,14 @@ class Sidecar:
         self._log = workdir / f"{name}.log"
         self.process = self._start()
 
+    @classmethod
+    def for_account(
+        cls, operator: Operator, namespace: str, workdir: Path, name: str, account: str = "app"
+    ) -> Sidecar:
+        """A sidecar of `operator` with a TokenRequest token of ServiceAccount `account`."""
+        token = service_account_token(operator.cluster, namespace, account)
+        return cls(operator.cluster, operator.url, token, operator.cert.ca, workdir, name)
+
     def _start(self) -> Process:
         process = Process(self._args, self._log, self._env)
         wait_for(lambda: self._get("/healthz")[0] == 200 or None, "the sidecar to listen")
@@ -226,6 +247,10 @@ class Sidecar:
             return exc.code, json.loads(exc.read() or b"{}")
         except OSError:
             return 0, {}
+
+    def client(self) -> openai.OpenAI:
+        """The official openai SDK as an app of this sidecar (no SDK retries)."""
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0)
 
     def version(self) -> str | None:
         status, body = self._get("/readyz")

@@ -7,48 +7,20 @@ what the apiserver stores: spent, remaining, leases, per-endpoint breakdown, con
 
 from __future__ import annotations
 
-import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from cluster import CertFiles, Cluster
-from operator_helpers import (
-    Operator,
-    Sidecar,
-    StandIns,
-    condition,
-    get,
-    install_crds,
-    service_account_token,
-    standins,
-    wait_for,
-)
+from operator_helpers import Operator, Sidecar, StandIns, apply, condition, get, wait_for
 
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
 #: USD per 1M tokens: high on purpose, so a handful of requests moves a small budget.
 PRICE = 1000.0
 LIMIT = 1.0
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: Cluster) -> None:
-    install_crds(cluster)
-
-
-@pytest.fixture(scope="module")
-def operator_cert(cluster: Cluster) -> CertFiles:
-    return cluster.issue_serving_cert("modelplane-operator")
-
-
-@pytest.fixture
-def servers() -> Iterator[StandIns]:
-    with standins() as s:
-        yield s
 
 
 def objects(upstream: str) -> list[dict[str, Any]]:
@@ -129,27 +101,13 @@ def test_budget_status_follows_spend_and_an_operator_restart_keeps_it(
 ) -> None:
     standin = OpenAIStandIn("upstream", api_key="sk-budget-test")
     upstream = servers.start(standin)
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects(upstream)}),
-    )
+    apply(cluster, namespace, *objects(upstream))
     operator = Operator(cluster, operator_cert, [namespace], tmp_path)
     sidecar: Sidecar | None = None
     try:
-        sidecar = Sidecar(
-            cluster,
-            operator.url,
-            service_account_token(cluster, namespace, "app"),
-            operator_cert.ca,
-            tmp_path / "s",
-            "app-pod",
-        )
+        sidecar = Sidecar.for_account(operator, namespace, tmp_path / "s", "app-pod")
         wait_for(sidecar.version, "the sidecar's config")
-        client = app_client(sidecar)
+        client = sidecar.client()
 
         tokens = sum(ask(client) for _ in range(8))
         status = wait_for(lambda: settled(cluster, namespace, 8), "spend in the Budget's status")
@@ -197,7 +155,7 @@ def test_budget_status_follows_spend_and_an_operator_restart_keeps_it(
         # A sidecar restart (SIGTERM) gives its idle lease back and loses nothing settled.
         sidecar.restart()
         wait_for(sidecar.version, "the restarted sidecar's config")
-        tokens += ask(app_client(sidecar))
+        tokens += ask(sidecar.client())
 
         def after_sidecar_restart() -> dict[str, Any] | None:
             found = settled(cluster, namespace, 13)
@@ -214,7 +172,3 @@ def test_budget_status_follows_spend_and_an_operator_restart_keeps_it(
         if sidecar is not None:
             sidecar.stop()
         operator.stop()
-
-
-def app_client(sidecar: Sidecar) -> openai.OpenAI:
-    return openai.OpenAI(base_url=sidecar.base_url + "/v1", api_key="x", max_retries=0)

@@ -15,13 +15,11 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import orjson
-import pytest
 from cluster import CertFiles, Cluster
 from operator_helpers import (
     MODELPLANE,
@@ -29,10 +27,9 @@ from operator_helpers import (
     Operator,
     Process,
     StandIns,
+    apply,
     free_port,
-    install_crds,
     service_account_token,
-    standins,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,22 +37,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
 EMAIL = "dana.smith@example.net"
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: Cluster) -> None:
-    install_crds(cluster)
-
-
-@pytest.fixture(scope="module")
-def operator_cert(cluster: Cluster) -> CertFiles:
-    return cluster.issue_serving_cert("modelplane-operator")
-
-
-@pytest.fixture
-def servers() -> Iterator[StandIns]:
-    with standins() as s:
-        yield s
 
 
 def _resources(upstream: str) -> list[dict[str, Any]]:
@@ -117,14 +98,7 @@ def test_operator_and_sidecar_metrics_and_the_audit_trail_in_cluster_mode(
     tmp_path: Path,
 ) -> None:
     upstream = servers.start(OpenAIStandIn("upstream", api_key="sk-observability"))
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": _resources(upstream)}),
-    )
+    apply(cluster, namespace, *_resources(upstream))
     operator = Operator(cluster, operator_cert, [namespace], tmp_path)
     token = tmp_path / "token"
     token.write_text(service_account_token(cluster, namespace, "billing"))

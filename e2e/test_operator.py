@@ -7,13 +7,11 @@ the sidecars with the official openai SDK, and the sidecars call a local OpenAI 
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 from cluster import CertFiles, Cluster
 from operator_helpers import (
@@ -21,31 +19,14 @@ from operator_helpers import (
     Operator,
     Sidecar,
     StandIns,
+    apply,
     condition,
     get,
-    install_crds,
     service_account_token,
-    standins,
     wait_for,
 )
 
 from modelplane_sidecar.standins.openai import OpenAIStandIn
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: Cluster) -> None:
-    install_crds(cluster)
-
-
-@pytest.fixture(scope="module")
-def operator_cert(cluster: Cluster) -> CertFiles:
-    return cluster.issue_serving_cert("modelplane-operator")
-
-
-@pytest.fixture
-def servers() -> Iterator[StandIns]:
-    with standins() as s:
-        yield s
 
 
 @pytest.fixture
@@ -53,17 +34,6 @@ def other_namespace(cluster: Cluster) -> Iterator[str]:
     name = cluster.create_namespace("e2e-other")
     yield name
     cluster.delete_namespace(name)
-
-
-def apply(cluster: Cluster, namespace: str, *objects: dict[str, Any]) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
-    )
 
 
 def secret(name: str, key: str) -> dict[str, Any]:
@@ -99,8 +69,7 @@ def policy(name: str, alias: str, *endpoints: str) -> dict[str, Any]:
 
 
 def ask(sidecar: Sidecar, model: str) -> str:
-    client = openai.OpenAI(base_url=sidecar.base_url + "/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(
+    reply = sidecar.client().chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hello"}]
     )
     return reply.choices[0].message.content or ""
@@ -224,23 +193,9 @@ def test_sidecars_get_their_namespace_config_follow_edits_and_survive_the_operat
     operator = Operator(cluster, operator_cert, [namespace, other_namespace], tmp_path)
     sidecars: list[Sidecar] = []
     try:
-        sidecar = Sidecar(
-            cluster,
-            operator.url,
-            service_account_token(cluster, namespace, "app"),
-            operator_cert.ca,
-            tmp_path / "a",
-            "app-a",
-        )
+        sidecar = Sidecar.for_account(operator, namespace, tmp_path / "a", "app-a")
         sidecars.append(sidecar)
-        other = Sidecar(
-            cluster,
-            operator.url,
-            service_account_token(cluster, other_namespace, "app"),
-            operator_cert.ca,
-            tmp_path / "b",
-            "app-b",
-        )
+        other = Sidecar.for_account(operator, other_namespace, tmp_path / "b", "app-b")
         sidecars.append(other)
 
         # The sidecar receives its namespace's config and serves a request through it.

@@ -21,35 +21,7 @@ from typing import Any
 import openai
 import pytest
 from cluster import CertFiles, Cluster
-from operator_helpers import (
-    Operator,
-    Sidecar,
-    get,
-    install_crds,
-    service_account_token,
-    wait_for,
-)
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: Cluster) -> None:
-    install_crds(cluster)
-
-
-@pytest.fixture(scope="module")
-def operator_cert(cluster: Cluster) -> CertFiles:
-    return cluster.issue_serving_cert("modelplane-operator")
-
-
-def apply(cluster: Cluster, namespace: str, *objects: dict[str, Any]) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
-    )
+from operator_helpers import Operator, Sidecar, apply, get, wait_for
 
 
 def endpoint_slice(name: str, address: str, ready: bool) -> dict[str, Any]:
@@ -139,14 +111,7 @@ def test_endpoint_slices_reach_the_sidecar_and_unready_addresses_leave_routing(
     operator = Operator(cluster, operator_cert, [namespace], tmp_path)
     sidecar: Sidecar | None = None
     try:
-        sidecar = Sidecar(
-            cluster,
-            operator.url,
-            service_account_token(cluster, namespace, "app"),
-            operator_cert.ca,
-            tmp_path / "s",
-            "app",
-        )
+        sidecar = Sidecar.for_account(operator, namespace, tmp_path / "s", "app")
         running = sidecar
         wait_for(
             lambda: shipped_replicas(running) == [(A, True), (B, True)],
@@ -171,9 +136,8 @@ def test_endpoint_slices_reach_the_sidecar_and_unready_addresses_leave_routing(
         # Both unready: the sidecar refuses by itself, naming why; nothing is sent anywhere.
         set_ready(cluster, namespace, "llama-a", False)
         wait_for(lambda: explained_replicas(running) == [(A, False), (B, False)], "A unready")
-        client = openai.OpenAI(base_url=running.base_url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError) as refused:
-            client.chat.completions.create(
+            running.client().chat.completions.create(
                 model="chat", messages=[{"role": "user", "content": "hello"}]
             )
         assert refused.value.status_code == 503
