@@ -37,6 +37,7 @@ EXAMPLES = REPO / "examples" / "operator"
 MODELPLANE = str(Path(sys.executable).with_name("modelplane"))
 AUDIENCE = "modelplane"
 GROUP = "modelplane.io"
+API = f"{GROUP}/v1alpha1"
 
 T = TypeVar("T")
 
@@ -76,6 +77,42 @@ def apply(cluster: Cluster, namespace: str, *objects: dict[str, Any]) -> None:
         "-",
         input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
     )
+
+
+def secret(name: str, key: str) -> dict[str, Any]:
+    """A Secret holding a provider API key under `api-key`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {"api-key": key},
+    }
+
+
+def endpoint(name: str, base_url: str, secret_name: str, **spec: Any) -> dict[str, Any]:
+    """An OpenAI ModelEndpoint (gpt-4o-mini at `base_url`); `spec` adds fields to its spec."""
+    return {
+        "apiVersion": API,
+        "kind": "ModelEndpoint",
+        "metadata": {"name": name},
+        "spec": {
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "baseURL": base_url,
+            "credentials": {"secretRef": {"name": secret_name, "key": "api-key"}},
+            **spec,
+        },
+    }
+
+
+def policy(name: str, alias: str, *endpoints: str) -> dict[str, Any]:
+    """A RoutingPolicy with one model `alias` over `endpoints`, in that order."""
+    return {
+        "apiVersion": API,
+        "kind": "RoutingPolicy",
+        "metadata": {"name": name},
+        "spec": {"models": [{"name": alias, "targets": [{"endpoint": e} for e in endpoints]}]},
+    }
 
 
 def service_account_token(

@@ -14,7 +14,19 @@ from typing import Any
 import openai
 import pytest
 from cluster import CertFiles, Cluster
-from operator_helpers import Operator, Sidecar, StandIns, apply, condition, get, wait_for
+from operator_helpers import (
+    API,
+    Operator,
+    Sidecar,
+    StandIns,
+    apply,
+    condition,
+    endpoint,
+    get,
+    policy,
+    secret,
+    wait_for,
+)
 
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
@@ -24,34 +36,14 @@ LIMIT = 1.0
 
 
 def objects(upstream: str) -> list[dict[str, Any]]:
-    api = "modelplane.io/v1alpha1"
     return [
+        secret("openai", "sk-budget-test"),
+        endpoint(
+            "gpt", upstream, "openai", pricing={"inputPerMTok": PRICE, "outputPerMTok": PRICE}
+        ),
+        policy("routes", "chat", "gpt"),
         {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "openai"},
-            "stringData": {"api-key": "sk-budget-test"},
-        },
-        {
-            "apiVersion": api,
-            "kind": "ModelEndpoint",
-            "metadata": {"name": "gpt"},
-            "spec": {
-                "provider": "openai",
-                "model": "gpt-4o-mini",
-                "baseURL": upstream,
-                "credentials": {"secretRef": {"name": "openai", "key": "api-key"}},
-                "pricing": {"inputPerMTok": PRICE, "outputPerMTok": PRICE},
-            },
-        },
-        {
-            "apiVersion": api,
-            "kind": "RoutingPolicy",
-            "metadata": {"name": "routes"},
-            "spec": {"models": [{"name": "chat", "targets": [{"endpoint": "gpt"}]}]},
-        },
-        {
-            "apiVersion": api,
+            "apiVersion": API,
             "kind": "Budget",
             "metadata": {"name": "daily"},
             "spec": {

@@ -16,7 +16,6 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import openai
 import orjson
@@ -28,7 +27,10 @@ from operator_helpers import (
     Process,
     StandIns,
     apply,
+    endpoint,
     free_port,
+    policy,
+    secret,
     service_account_token,
     wait_for,
 )
@@ -37,34 +39,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
 EMAIL = "dana.smith@example.net"
-
-
-def _resources(upstream: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "openai"},
-            "stringData": {"api-key": "sk-observability"},
-        },
-        {
-            "apiVersion": "modelplane.io/v1alpha1",
-            "kind": "ModelEndpoint",
-            "metadata": {"name": "gpt"},
-            "spec": {
-                "provider": "openai",
-                "model": "gpt-4o-mini",
-                "baseURL": upstream,
-                "credentials": {"secretRef": {"name": "openai", "key": "api-key"}},
-            },
-        },
-        {
-            "apiVersion": "modelplane.io/v1alpha1",
-            "kind": "RoutingPolicy",
-            "metadata": {"name": "routes"},
-            "spec": {"models": [{"name": "chat", "targets": [{"endpoint": "gpt"}]}]},
-        },
-    ]
 
 
 def _get(url: str, ca: Path | None = None) -> tuple[int, bytes]:
@@ -98,7 +72,13 @@ def test_operator_and_sidecar_metrics_and_the_audit_trail_in_cluster_mode(
     tmp_path: Path,
 ) -> None:
     upstream = servers.start(OpenAIStandIn("upstream", api_key="sk-observability"))
-    apply(cluster, namespace, *_resources(upstream))
+    apply(
+        cluster,
+        namespace,
+        secret("openai", "sk-observability"),
+        endpoint("gpt", upstream, "openai"),
+        policy("routes", "chat", "gpt"),
+    )
     operator = Operator(cluster, operator_cert, [namespace], tmp_path)
     token = tmp_path / "token"
     token.write_text(service_account_token(cluster, namespace, "billing"))

@@ -21,7 +21,10 @@ from operator_helpers import (
     StandIns,
     apply,
     condition,
+    endpoint,
     get,
+    policy,
+    secret,
     service_account_token,
     wait_for,
 )
@@ -34,38 +37,6 @@ def other_namespace(cluster: Cluster) -> Iterator[str]:
     name = cluster.create_namespace("e2e-other")
     yield name
     cluster.delete_namespace(name)
-
-
-def secret(name: str, key: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name},
-        "stringData": {"api-key": key},
-    }
-
-
-def endpoint(name: str, base_url: str, secret_name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "modelplane.io/v1alpha1",
-        "kind": "ModelEndpoint",
-        "metadata": {"name": name},
-        "spec": {
-            "provider": "openai",
-            "model": "gpt-4o-mini",
-            "baseURL": base_url,
-            "credentials": {"secretRef": {"name": secret_name, "key": "api-key"}},
-        },
-    }
-
-
-def policy(name: str, alias: str, *endpoints: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "modelplane.io/v1alpha1",
-        "kind": "RoutingPolicy",
-        "metadata": {"name": name},
-        "spec": {"models": [{"name": alias, "targets": [{"endpoint": e} for e in endpoints]}]},
-    }
 
 
 def ask(sidecar: Sidecar, model: str) -> str:
