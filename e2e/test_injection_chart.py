@@ -77,6 +77,7 @@ def test_every_option_renders_objects_the_apiserver_accepts(
         "--set=networkPolicy.enabled=true",
         "--set=metrics.serviceMonitor.enabled=true",
         "--set=webhook.failurePolicy=Fail",
+        "--set=operator.replicas=2",
     ).stdout
     objects = [o for o in yaml.load_all(rendered, Loader=_StrictLoader) if o]
 
@@ -88,6 +89,7 @@ def test_every_option_renders_objects_the_apiserver_accepts(
             "Deployment",
             "MutatingWebhookConfiguration",
             "NetworkPolicy",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Service",
@@ -176,5 +178,12 @@ def test_bad_values_are_refused_with_a_clear_message(cluster: Cluster) -> None:
     result = cluster.helm("template", "x", str(CHART), "--set", "webhook.mode=url", check=False)
     assert result.returncode != 0
     assert "webhook.mode=url needs webhook.url" in result.stderr
-    result = cluster.helm("template", "x", str(CHART), "--set", "operator.replicas=2", check=False)
-    assert "operator.replicas must be 1: the operator has no leader election yet" in result.stderr
+    result = cluster.helm(
+        "template",
+        "x",
+        str(CHART),
+        "--set=operator.replicas=2",
+        "--set=operator.leaderElection.enabled=false",
+        check=False,
+    )
+    assert "operator.replicas > 1 needs operator.leaderElection.enabled=true" in result.stderr

@@ -109,8 +109,8 @@ app.kubernetes.io/component: operator
 {{- if not (has .Values.webhook.failurePolicy (list "Ignore" "Fail")) -}}
 {{- fail (printf "webhook.failurePolicy must be Ignore or Fail, not %q" .Values.webhook.failurePolicy) -}}
 {{- end -}}
-{{- if gt (int .Values.operator.replicas) 1 -}}
-{{- fail "operator.replicas must be 1: the operator has no leader election yet, so several replicas would all write status" -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) -}}
+{{- fail "operator.replicas > 1 needs operator.leaderElection.enabled=true: without a leader every replica would write status and grant budget leases" -}}
 {{- end -}}
 {{- if eq (int .Values.sidecar.port) (int .Values.sidecar.healthPort) -}}
 {{- fail "sidecar.port and sidecar.healthPort must differ" -}}
@@ -123,6 +123,16 @@ app.kubernetes.io/component: operator
 - --port={{ .Values.operator.streamPort }}
 - --audience={{ .Values.operator.tokenAudience }}
 - --log-level={{ .Values.operator.logLevel }}
+{{- with .Values.operator.leaderElection }}
+{{- if .enabled }}
+- --leader-election
+- --lease-name={{ include "modelplane.fullname" $ }}
+- --lease-namespace={{ $.Release.Namespace }}
+- --lease-duration={{ .leaseDurationSeconds }}
+- --lease-renew-deadline={{ .renewDeadlineSeconds }}
+- --lease-retry-period={{ .retryPeriodSeconds }}
+{{- end }}
+{{- end }}
 {{- range .Values.operator.watchNamespaces }}
 - --namespace={{ . }}
 {{- end }}

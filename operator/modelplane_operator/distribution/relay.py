@@ -38,6 +38,7 @@ MAX_WAITING = 256
 #: How long a relay waits for a leader to appear before it gives the sidecar up.
 LEADER_WAIT_SECONDS = 300.0
 _POLL_SECONDS = 0.25
+_RETRY_SECONDS = 0.5
 
 Deliver = Callable[[bytes], Awaitable[None]]
 Lost = Callable[[str], Coroutine[Any, Any, None]]
@@ -98,38 +99,42 @@ class SpendRelay:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _wait_for_leader(self) -> Peer | None:
-        for _ in range(int(LEADER_WAIT_SECONDS / _POLL_SECONDS)):
-            peer = self._leader()
-            if peer is not None:
-                return peer
-            await asyncio.sleep(_POLL_SECONDS)
-        return None
-
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEADER_WAIT_SECONDS
         reason = "no operator leader to keep the budget books"
-        try:
-            peer = await self._wait_for_leader()
-            if peer is not None:
-                reason = await self._carry(peer)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            reason = f"the operator leader is unreachable: {exc or type(exc).__name__}"
+        while loop.time() < deadline:
+            peer = self._leader()
+            if peer is None:
+                await asyncio.sleep(_POLL_SECONDS)
+                continue
+            try:
+                ws = await self._connect(peer)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # Nothing has gone up yet, so trying again is safe: the leader may be about to
+                # listen, or about to be replaced. The sidecar's messages keep waiting.
+                reason = f"the operator leader is unreachable: {_describe(exc)}"
+                await asyncio.sleep(_RETRY_SECONDS)
+                continue
+            try:
+                reason = await self._carry(ws)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                reason = f"the stream to the operator leader broke: {_describe(exc)}"
+            break
         log.info("budget relay for %s ends: %s", self._hello.get("node"), reason)
         self._task = None
         await self._lost(reason)
 
-    async def _carry(self, peer: Peer) -> str:
-        url = peer.url.rstrip("/") + STREAM_PATH
-        try:
-            ws = await self._http.ws_connect(
-                url,
-                headers={"authorization": f"Bearer {self._token}"},
-                ssl=peer.ssl if peer.ssl is not None else True,
-                server_hostname=peer.server_hostname,
-                heartbeat=20,
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            return f"the operator leader refused the relay: HTTP {exc.status}"
+    async def _connect(self, peer: Peer) -> aiohttp.ClientWebSocketResponse:
+        return await self._http.ws_connect(
+            peer.url.rstrip("/") + STREAM_PATH,
+            headers={"authorization": f"Bearer {self._token}"},
+            ssl=peer.ssl if peer.ssl is not None else True,
+            server_hostname=peer.server_hostname,
+            heartbeat=20,
+        )
+
+    async def _carry(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         async with ws:
             hello = {
                 "type": HELLO,
@@ -187,3 +192,11 @@ class SpendRelays:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        return f"HTTP {exc.status} {exc.message}"
+    return str(exc) or type(exc).__name__

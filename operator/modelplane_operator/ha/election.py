@@ -153,6 +153,9 @@ class LeaderElector:
         started = self._clock.monotonic()
         now = self._clock.now()
         existing = await self._client.get(s.namespace, s.name)
+        # Others' renewals count from when we saw them (after the read: the later, the safer);
+        # our own from when we began (before the read: the earlier, the safer).
+        seen = self._clock.monotonic()
         if existing is None:
             record = LeaseRecord(
                 holder=s.identity,
@@ -166,10 +169,10 @@ class LeaderElector:
                 created = await self._client.create(s.namespace, s.name, record)
             except LeaseConflict:
                 return False  # another replica created it first; read it next round
-            self._observe(created, started)
+            self._observe(created, self._clock.monotonic())
             self._renewed_at = started
             return True
-        self._observe(existing, started)
+        self._observe(existing, seen)
         mine = existing.holder == s.identity
         if existing.holder and not mine and not self._expired(existing):
             return False
@@ -185,7 +188,7 @@ class LeaderElector:
             stored = await self._client.replace(s.namespace, s.name, record)
         except LeaseConflict:
             return False  # someone wrote in between: whoever did, we read it again next round
-        self._observe(stored, started)
+        self._observe(stored, self._clock.monotonic())
         self._renewed_at = started
         return True
 
@@ -194,6 +197,10 @@ class LeaderElector:
     async def step(self) -> None:
         """One round: an attempt (bounded by the time we may still lead), then transitions."""
         s = self.settings
+        if self._leading and not self.is_leader():
+            # The term is over even if the next renewal would succeed: meanwhile another replica
+            # may have led and written (and released the Lease), so leading again is a new term.
+            await self._step_down("its lease could not be renewed within the renew deadline")
         budget = s.renew_deadline
         if self._leading and self._renewed_at is not None:
             budget = max(0.0, self._renewed_at + s.renew_deadline - self._clock.monotonic())

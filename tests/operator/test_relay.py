@@ -1,0 +1,269 @@
+"""Budget spend from a sidecar connected to a follower replica, relayed to the leader's books.
+
+Two real stream servers on loopback (the leader's keeps the budget books; the follower's relays),
+a real sidecar (aiohttp app, control-plane client, spend tracker) connected to the follower, an
+OpenAI stand-in upstream and the official openai SDK as the app. Only the TokenReview API is
+faked, as in tests/operator/test_distribution.py; e2e/test_operator_ha.py runs real operator
+processes against a real apiserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from modelplane_operator.budget.ledger import BudgetLedger
+from modelplane_operator.budget.service import BudgetService
+from modelplane_operator.compile import NamespaceInputs, Resource, compile_namespace, wire_config
+from modelplane_operator.distribution.auth import Authenticator
+from modelplane_operator.distribution.hub import ConfigHub
+from modelplane_operator.distribution.relay import Peer, SpendRelays
+from modelplane_operator.distribution.server import StreamServer
+from modelplane_sidecar.controlplane import Backoff, ControlPlaneClient
+from modelplane_sidecar.metrics import SidecarMetrics
+from modelplane_sidecar.server import HOLDER_KEY, create_app
+from modelplane_sidecar.spend import SpendTracker
+from modelplane_sidecar.standins import start_site
+from modelplane_sidecar.standins.openai import OpenAIStandIn
+
+NAMESPACE = "team-a"
+NOW = dt.datetime(2026, 3, 14, 12, tzinfo=dt.UTC)
+BUDGET = {
+    "metadata": {"name": "daily", "namespace": NAMESPACE},
+    "spec": {
+        "period": "daily",
+        "limitUSD": 5.0,
+        "maxOutputTokens": 50,
+        "leaseUSD": 0.01,
+        "thresholds": [{"percent": 100, "action": "block"}],
+    },
+}
+
+
+async def review(token: str, audiences: list[str]) -> Mapping[str, Any]:
+    return {
+        "authenticated": token == "tok-a",
+        "audiences": audiences,
+        "user": {
+            "username": f"system:serviceaccount:{NAMESPACE}:app",
+            "extra": {"authentication.kubernetes.io/pod-name": ["app-pod"]},
+        },
+    }
+
+
+async def eventually(check: Callable[[], object], what: str, polls: int = 400) -> None:
+    for _ in range(polls):
+        if check():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def config_for(upstream: str) -> dict[str, Any]:
+    compiled = compile_namespace(
+        NamespaceInputs(
+            NAMESPACE,
+            endpoints=[
+                Resource("gpt", {"provider": "openai", "model": "gpt-4o", "baseURL": upstream})
+            ],
+            policies=[
+                Resource("p", {"models": [{"name": "chat", "targets": [{"endpoint": "gpt"}]}]})
+            ],
+            budgets=[Resource.from_body(BUDGET)],
+        )
+    )
+    assert compiled.config is not None
+    return wire_config(compiled.config)
+
+
+@dataclass
+class Fleet:
+    leader: StreamServer
+    leader_hub: ConfigHub
+    books: BudgetService
+    follower: StreamServer
+    follower_hub: ConfigHub
+    #: What the follower believes about the leader (None: no leader known).
+    peer: list[Peer | None]
+    tracker: SpendTracker
+    holder: Any
+    app: openai.AsyncOpenAI
+    standin: OpenAIStandIn
+
+    def ledger(self) -> BudgetLedger:
+        ledger = self.books.ledger(NAMESPACE, "daily")
+        assert ledger is not None
+        return ledger
+
+    def accepted(self, server: StreamServer) -> float:
+        value: float = server.metrics.connections.labels("accepted")._value.get()
+        return value
+
+    async def ask(self) -> None:
+        await self.app.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hello there"}]
+        )
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    standin = OpenAIStandIn("upstream")
+    up_runner, up_port = await start_site(standin.app())
+    config = config_for(f"http://127.0.0.1:{up_port}/v1")
+
+    leader_hub = ConfigHub()
+    books = BudgetService(clock=lambda: NOW)
+    books.sync(NAMESPACE, [BUDGET])
+    leader = StreamServer(leader_hub, Authenticator(review))
+    leader.budgets = books
+    leader_port = await leader.start("127.0.0.1", 0, None)
+    leader_hub.publish(NAMESPACE, config["metadata"]["version"], config)
+
+    peer: list[Peer | None] = [Peer(f"http://127.0.0.1:{leader_port}")]
+    follower_hub = ConfigHub()
+    follower = StreamServer(follower_hub, Authenticator(review))
+    follower.budgets = BudgetService(clock=lambda: NOW)  # no ledgers: it is not the leader
+    follower.keeps_budgets = lambda: False
+    follower.relays = SpendRelays(lambda: peer[0], "operator-1")
+    follower_port = await follower.start("127.0.0.1", 0, None)
+    follower_hub.publish(NAMESPACE, config["metadata"]["version"], config)
+
+    metrics = SidecarMetrics()
+    tracker = SpendTracker("app-pod", on_settle=metrics.budget_settled)
+    sidecar_app = create_app(None, metrics, None, tracker)
+    token = tmp_path / "token"
+    token.write_text("tok-a")
+    client = ControlPlaneClient(
+        f"http://127.0.0.1:{follower_port}",
+        token,
+        sidecar_app[HOLDER_KEY],
+        node="app-pod",
+        backoff=Backoff(0.01, 0.05),
+        metrics=metrics,
+        spend=tracker,
+    )
+    sidecar_runner, sidecar_port = await start_site(sidecar_app)
+    app = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{sidecar_port}/v1", api_key="unused", max_retries=0
+    )
+    client.start()
+    try:
+        yield Fleet(
+            leader,
+            leader_hub,
+            books,
+            follower,
+            follower_hub,
+            peer,
+            tracker,
+            sidecar_app[HOLDER_KEY],
+            app,
+            standin,
+        )
+    finally:
+        await app.close()
+        await client.stop()
+        await sidecar_runner.cleanup()
+        await follower.stop()
+        await leader.stop()
+        await books.close()
+        await up_runner.cleanup()
+
+
+async def test_a_sidecar_on_a_follower_gets_configs_there_and_leases_from_the_leaders_books(
+    fleet: Fleet,
+) -> None:
+    await eventually(lambda: fleet.holder.snapshot is not None, "the config from the follower")
+    await eventually(lambda: fleet.tracker.lease("daily").epoch, "the leader's first lease")
+
+    for _ in range(5):
+        await fleet.ask()
+
+    # The follower counts the sidecar; the leader sees only its relayed spend stream.
+    assert fleet.follower_hub.counts(NAMESPACE).current == 1
+    assert fleet.leader_hub.counts(NAMESPACE).connected == 0
+    ledger = fleet.ledger()
+    (holder,) = ledger.holders.values()
+    assert holder.id.startswith("app-pod/") and holder.connected
+    assert holder.granted > 0
+    await eventually(
+        lambda: ledger.endpoints.get("gpt") and ledger.endpoints["gpt"].requests == 5,
+        "the usage reports",
+    )
+    assert ledger.spent == pytest.approx(holder.settled)
+    assert ledger.spent > 0
+    assert fleet.follower.budgets is not None and fleet.follower.budgets.ledgers(NAMESPACE) == {}
+
+
+async def test_when_the_leader_drops_spend_the_sidecar_resyncs_without_double_counting(
+    fleet: Fleet,
+) -> None:
+    await eventually(lambda: fleet.tracker.lease("daily").epoch, "the leader's first lease")
+    for _ in range(3):
+        await fleet.ask()
+    ledger = fleet.ledger()
+    await eventually(
+        lambda: ledger.endpoints.get("gpt") and ledger.endpoints["gpt"].requests == 3,
+        "the usage reports",
+    )
+    spent_before = ledger.spent
+    connections = fleet.accepted(fleet.follower)
+
+    # The leader stepped down (or changed): its spend streams close, relays with them.
+    assert await fleet.leader.drop_spend_streams("stepped down") == 1
+    await eventually(
+        lambda: fleet.accepted(fleet.follower) > connections, "the sidecar to reconnect"
+    )
+    await eventually(lambda: fleet.tracker.connected, "the relay to the leader again")
+
+    for _ in range(2):
+        await fleet.ask()
+    await eventually(lambda: ledger.endpoints["gpt"].requests == 5, "the usage after the resync")
+    (holder,) = ledger.holders.values()
+    assert holder.connected
+    assert ledger.spent == pytest.approx(holder.settled)
+    assert ledger.spent > spent_before
+    assert ledger.leased == pytest.approx(max(0.0, holder.outstanding))
+    assert fleet.follower_hub.counts(NAMESPACE).current == 1
+
+
+async def test_without_a_leader_the_sidecar_still_gets_its_config_and_spend_waits(
+    fleet: Fleet,
+) -> None:
+    # No leader is known, and the replica the follower believes leads refuses relays.
+    fleet.peer[0] = None
+    assert await fleet.follower.drop_spend_streams("the leader changed") in (0, 1)
+    await eventually(lambda: fleet.holder.snapshot is not None, "the config from the follower")
+    await eventually(lambda: fleet.follower_hub.counts(NAMESPACE).current == 1, "the ACK")
+    assert fleet.ledger().holders == {} or not any(
+        h.connected for h in fleet.ledger().holders.values()
+    )
+
+    fleet.leader.keeps_budgets = lambda: False
+    connections = fleet.accepted(fleet.follower)
+    fleet.peer[0] = Peer(f"http://127.0.0.1:{_port(fleet.leader)}")
+    # The relay is refused (1013), so the follower closes the sidecar's stream; it reconnects.
+    await eventually(
+        lambda: fleet.accepted(fleet.follower) > connections, "the sidecar to reconnect"
+    )
+
+    fleet.leader.keeps_budgets = lambda: True
+    await eventually(
+        lambda: any(h.connected for h in fleet.ledger().holders.values()), "the relay to land"
+    )
+    await fleet.ask()
+    assert fleet.standin.received
+
+
+def _port(server: StreamServer) -> int:
+    runner = server._runner
+    assert runner is not None
+    (address,) = runner.addresses
+    return int(address[1])
