@@ -8,7 +8,9 @@ change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 from .breaker import CircuitBreaker
 from .config import Endpoint, ModelAlias, RouterConfig
@@ -16,6 +18,8 @@ from .endpoint_stats import EndpointStats
 from .pool import ReplicaPool
 from .providers import adapter_for
 from .providers.base import Adapter, Credentials
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -53,6 +57,10 @@ class Snapshot:
     aliases: dict[str, ModelAlias]
     #: Credential values to scrub from anything the upstream echoes back.
     secrets: tuple[bytes, ...] = field(repr=False)
+    #: What request-path steps derive from this config alone, built on first use (`derived`).
+    _derived: dict[Callable[[Snapshot], Any], Any] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def build(cls, config: RouterConfig, previous: Snapshot | None = None) -> Snapshot:
@@ -71,6 +79,14 @@ class Snapshot:
             endpoints[ep.name] = EndpointRuntime(ep, adapter, credentials, state, pool)
         aliases = {m.name: m for m in config.models}
         return cls(config, config.version(), endpoints, aliases, tuple(secrets))
+
+    def derived(self, build: Callable[[Snapshot], _T]) -> _T:
+        """`build(self)`, computed once per snapshot: e.g. routing's table of prepared routes,
+        so a request does not redo what depends only on the config."""
+        found = self._derived.get(build)
+        if found is None:
+            found = self._derived[build] = build(self)
+        return cast(_T, found)
 
     def pools(self) -> dict[str, ReplicaPool]:
         return {name: e.pool for name, e in self.endpoints.items() if e.pool is not None}

@@ -23,10 +23,17 @@ from ..providers.base import Operation
 from ..runtime import EndpointRuntime, Snapshot
 from .classify import Classification, classify
 from .classify.complexity import ComplexityModel, default_model
-from .filters import Candidate, Removal, RouteContext, apply_filters
+from .filters import (
+    Candidate,
+    CandidateFilter,
+    Removal,
+    RouteContext,
+    apply_filters,
+    filters_for,
+)
 from .overflow import CapacityHold, apply_overflow
 from .pickers import PICKERS, apply_budget
-from .rules import Route, RuleCheck, match_rule
+from .rules import Route, RuleCheck, alias_route, first_matching_rule, rule_route
 
 _RANDOM = random.Random()
 
@@ -146,19 +153,53 @@ def _unknown_model(snapshot: Snapshot, model: str) -> ApiError:
     )
 
 
-def _candidates(route: Route, snapshot: Snapshot) -> list[Candidate]:
+@dataclass(slots=True, frozen=True)
+class PreparedRoute:
+    """A route with everything that depends only on the config resolved (once per snapshot)."""
+
+    route: Route
+    #: Its targets as candidates, in config order (each request filters a copy).
+    candidates: tuple[Candidate, ...]
+    names: tuple[str, ...]
+    #: The filters that could remove one of its candidates under this config.
+    filters: tuple[CandidateFilter, ...]
+
+
+def _prepare(route: Route, snapshot: Snapshot) -> PreparedRoute:
     endpoints = snapshot.endpoints
-    out: list[Candidate] = []
+    candidates: list[Candidate] = []
     for target in route.targets:
         if isinstance(target, str):
-            out.append(Candidate(endpoints[target], 1, None, target))
+            candidates.append(Candidate(endpoints[target], 1, None, target))
         else:
-            out.append(
+            candidates.append(
                 Candidate(
                     endpoints[target.endpoint], target.weight, target.tier, target.arm_label()
                 )
             )
-    return out
+    return PreparedRoute(
+        route,
+        tuple(candidates),
+        tuple(c.name for c in candidates),
+        filters_for([c.endpoint for c in candidates], snapshot.config),
+    )
+
+
+@dataclass(slots=True, frozen=True)
+class RouteTable:
+    """Every route of a config, prepared: by rule name, and the alias routes by alias name."""
+
+    rules: dict[str, PreparedRoute]
+    aliases: dict[str, PreparedRoute]
+
+
+def route_table(snapshot: Snapshot) -> RouteTable:
+    """Built once per snapshot (`snapshot.derived(route_table)`)."""
+    config = snapshot.config
+    return RouteTable(
+        {rule.name: _prepare(rule_route(rule), snapshot) for rule in config.rules},
+        {alias.name: _prepare(alias_route(alias), snapshot) for alias in config.models},
+    )
 
 
 def _run(
@@ -175,12 +216,14 @@ def _run(
     config = snapshot.config
     found = classify(request.body, request.headers, config.sensitivity, model)
     trace.found = found
-    route, trace.rules = match_rule(
+    table = snapshot.derived(route_table)
+    rule, trace.rules = first_matching_rule(
         config.rules, alias, request.op.value, request.stream, request.headers, request.body, found
     )
-    trace.route = route
-    candidates = _candidates(route, snapshot)
-    trace.considered = [c.name for c in candidates]
+    prepared = table.aliases[alias.name] if rule is None else table.rules[rule.name]
+    route = trace.route = prepared.route
+    candidates = list(prepared.candidates)
+    trace.considered = list(prepared.names)
     if explaining:
         trace.replicas = {
             c.name: c.endpoint.pool.describe() for c in candidates if c.endpoint.pool is not None
@@ -200,7 +243,7 @@ def _run(
     )
     unavailable: ApiError | None = None
     try:
-        candidates = apply_filters(candidates, ctx, trace.removed)
+        candidates = apply_filters(candidates, ctx, trace.removed, prepared.filters)
     except ApiError as exc:
         # With overflow, a pool that cannot serve at all is the extreme of saturated.
         if route.overflow is None or exc.status != 503:

@@ -1,7 +1,9 @@
 """Step 3 of the routing pipeline: filters remove candidates that must not or cannot serve.
 
 Each filter is a small object with a name and one question per candidate: "why not this one?"
-(None means keep). They run in order, each over what the previous ones kept. When a filter removes
+(None means keep), plus one per route and config: "could you ever remove one of these?" (a
+route's filters are chosen once per config, so e.g. a route without limits never pays for the
+rate-limit filter). They run in order, each over what the previous ones kept. When a filter removes
 the last candidate, the request ends with that filter's own error: compliance fails closed with a
 403 naming the rule, a prompt too big for every window is a 400, and so on. The forwarder only
 ever tries the candidates that survive, on every retry and fallback, so a request can never reach
@@ -11,12 +13,12 @@ an endpoint a filter removed.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..breaker import BreakerState
-from ..config import BudgetMode, BudgetState, ModelAlias, SpendBudget, Tier
+from ..config import BudgetMode, BudgetState, ModelAlias, RouterConfig, SpendBudget, Tier
 from ..errors import ApiError
 from ..providers.base import Operation
 from ..runtime import EndpointRuntime
@@ -24,8 +26,10 @@ from .classify import Classification
 from .rules import Route
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Candidate:
+    """One endpoint a route may use (shared by every request of a config: never mutated)."""
+
     endpoint: EndpointRuntime
     weight: int = 1
     tier: Tier | None = None
@@ -67,6 +71,10 @@ class RouteContext:
 class CandidateFilter(Protocol):
     name: str
 
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        """False when this filter can never remove any of `endpoints` under `config`."""
+        ...
+
     def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
         """Why `candidate` may not serve this request, or None to keep it."""
         ...
@@ -89,6 +97,9 @@ def refusal(ctx: RouteContext, status: int, code: str, message: str, **kwargs: A
 class _UnavailableRefusal:
     """Default refusal: nothing left to try right now (503, the app may retry later)."""
 
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        return True
+
     def refuse(self, removed: list[Removal], ctx: RouteContext) -> ApiError:
         return refusal(
             ctx,
@@ -102,6 +113,9 @@ class _UnavailableRefusal:
 
 class OperationSupported(_UnavailableRefusal):
     name = "operation"
+
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        return not all(e.adapter.supports(op) for e in endpoints for op in Operation)
 
     def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
         endpoint = candidate.endpoint
@@ -123,6 +137,10 @@ class Compliance:
     """A request of a restricted data class only goes to endpoints with an allowed tag."""
 
     name = "compliance"
+
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        # Only classes with allowed tags restrict (see Sensitivity.allows).
+        return any(c.allowed_tags for c in config.sensitivity.classes)
 
     def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
         tags = candidate.endpoint.config.tags
@@ -165,6 +183,13 @@ class WithinBudget:
     """
 
     name = "budget"
+
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        return any(
+            budget.mode is BudgetMode.STOP and budget.covers(e.name)
+            for budget in config.budgets
+            for e in endpoints
+        )
 
     def _blocking(self, endpoint: str, ctx: RouteContext) -> SpendBudget | None:
         for budget in ctx.budgets:
@@ -216,6 +241,9 @@ class ReplicasReady(_UnavailableRefusal):
 
     name = "replicas"
 
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        return any(e.pool is not None for e in endpoints)
+
     def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
         pool = candidate.endpoint.pool
         if pool is None or pool.ready():
@@ -225,6 +253,9 @@ class ReplicasReady(_UnavailableRefusal):
 
 class ContextWindow:
     name = "context-window"
+
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        return any(e.config.context_window is not None for e in endpoints)
 
     def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
         window = candidate.endpoint.config.context_window
@@ -248,6 +279,14 @@ class WithinLimits:
     """The endpoint's configured concurrency, requests-per-minute and tokens-per-minute."""
 
     name = "rate-limit"
+
+    def needed(self, endpoints: Sequence[EndpointRuntime], config: RouterConfig) -> bool:
+        return any(
+            limits.max_concurrency is not None
+            or limits.requests_per_minute is not None
+            or limits.tokens_per_minute is not None
+            for limits in (e.config.limits for e in endpoints)
+        )
 
     def reason(self, candidate: Candidate, ctx: RouteContext) -> str | None:
         endpoint = candidate.endpoint
@@ -291,6 +330,13 @@ FILTERS: tuple[CandidateFilter, ...] = (
     ContextWindow(),
     WithinLimits(),
 )
+
+
+def filters_for(
+    endpoints: Sequence[EndpointRuntime], config: RouterConfig
+) -> tuple[CandidateFilter, ...]:
+    """The filters, in order, that could remove one of a route's `endpoints` under `config`."""
+    return tuple(f for f in FILTERS if f.needed(endpoints, config))
 
 
 def apply_filters(

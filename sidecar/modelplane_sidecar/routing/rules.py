@@ -109,7 +109,7 @@ def first_mismatch(
     return None
 
 
-def match_rule(
+def first_matching_rule(
     rules: tuple[Rule, ...],
     alias: ModelAlias,
     operation: str,
@@ -117,20 +117,29 @@ def match_rule(
     headers: Mapping[str, str],
     body: Mapping[str, Any],
     found: Classification,
-) -> tuple[Route, list[RuleCheck]]:
+) -> tuple[Rule | None, list[RuleCheck]]:
+    """The first rule whose conditions all hold (None: the alias's own route), and every rule
+    looked at on the way."""
     checks: list[RuleCheck] = []
     for rule in rules:
         miss = first_mismatch(rule.match, alias.name, operation, stream, headers, body, found)
         if miss is None:
             checks.append(RuleCheck(rule.name))
-            route = Route(rule.name, rule.strategy, rule.targets, rule.options, rule.overflow)
-            return route, checks
+            return rule, checks
         checks.append(RuleCheck(rule.name, miss[0], miss[1]))
-    route = Route(
+    return None, checks
+
+
+def rule_route(rule: Rule) -> Route:
+    return Route(rule.name, rule.strategy, rule.targets, rule.options, rule.overflow)
+
+
+def alias_route(alias: ModelAlias) -> Route:
+    """The route of requests for `alias` that no rule matched."""
+    return Route(
         f"model:{alias.name}",
         alias.strategy,
         alias.targets or alias.endpoints,
         alias.options,
         alias.overflow,
     )
-    return route, checks
