@@ -17,11 +17,13 @@ import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
 
 from modelplane_sidecar import config as rc
 
+from . import sidecar_settings
 from .budget.ledger import Terms, mode_for, reached
 from .budget.period import PeriodError, zone
 from .crd_models import (
@@ -36,7 +38,9 @@ from .crd_models import (
     Route,
     RoutingPolicySpec,
     Rule,
+    SecretKeyRef,
     ServiceRef,
+    SidecarSettings,
     Target,
 )
 from .selfhosted import discovery, workload
@@ -51,6 +55,8 @@ ENDPOINT_INVALID = "EndpointInvalid"
 INVALID_REFERENCES = "InvalidReferences"
 NOTHING_ROUTABLE = "NothingRoutable"
 COMPILE_ERROR = "CompileError"
+#: A policy whose only problem is spec.sidecar settings an older policy sets differently.
+SETTINGS_CONFLICT = "SettingsConflict"
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,9 @@ class Verdict:
     in_config: bool = False
     #: Kind-specific status fields (a ModelEndpoint's `replicas`).
     status: dict[str, Any] = field(default_factory=dict)
+    #: RoutingPolicy: spec.sidecar fields another policy sets differently (its Conflicted
+    #: condition); "" when there are none.
+    conflict: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,12 +168,30 @@ class CompiledNamespace:
 
 
 def wire_config(config: rc.RouterConfig) -> dict[str, Any]:
-    """The config as JSON-ready data with credential values revealed, for the config stream."""
+    """The config as JSON-ready data with credential values revealed, for the config stream.
+
+    Credentials are SecretStr in the model (masked in every dump); the sidecar needs them in
+    clear: every endpoint's key and the cache's Redis password.
+    """
     data: dict[str, Any] = config.model_dump(mode="json", by_alias=True, exclude_none=True)
     for ep, raw in zip(config.endpoints, data["endpoints"], strict=True):
         if ep.api_key is not None and ep.api_key.value is not None:
             raw["apiKey"]["value"] = ep.api_key.value.get_secret_value()
+    redis = config.cache.redis
+    if redis is not None and redis.password is not None and redis.password.value is not None:
+        data["cache"]["redis"]["password"]["value"] = redis.password.value.get_secret_value()
     return data
+
+
+def secret_names(kind: str, spec: Mapping[str, Any]) -> set[str]:
+    """Names of the Secrets an object's spec references (what the controller reads for it)."""
+    refs: list[Any] = []
+    if kind == MODEL_ENDPOINT.kind:
+        refs.append((spec.get("credentials") or {}).get("secretRef"))
+    elif kind == ROUTING_POLICY.kind:
+        cache = (spec.get("sidecar") or {}).get("cache") or {}
+        refs.append((cache.get("redis") or {}).get("passwordSecretRef"))
+    return {r["name"] for r in refs if isinstance(r, dict) and isinstance(r.get("name"), str)}
 
 
 def _spec_error(kind: str, exc: ValidationError) -> str:
@@ -233,6 +260,28 @@ def _self_hosted(
     return fields, {"replicas": {"ready": ready, "total": len(replicas)}}
 
 
+def _secret_value(
+    ref: SecretKeyRef, field_path: str, inputs: NamespaceInputs
+) -> rc.ApiKeySource | tuple[str, str]:
+    """The referenced Secret value as a credential, or (reason, message) naming what is missing.
+
+    Messages name the Secret and key, never a value.
+    """
+    secret = inputs.secrets.get(ref.name)
+    if secret is None:
+        return (
+            SECRET_NOT_FOUND,
+            f"Secret {ref.name!r} ({field_path}) not found in namespace {inputs.namespace!r}",
+        )
+    if ref.key not in secret:
+        keys = _join(sorted(secret)) or "none"
+        return SECRET_KEY_NOT_FOUND, f"Secret {ref.name!r} has no key {ref.key!r} (keys: {keys})"
+    value = secret[ref.key].strip()
+    if not value:
+        return SECRET_KEY_NOT_FOUND, f"Secret {ref.name!r} key {ref.key!r} is empty"
+    return rc.ApiKeySource(value=SecretStr(value))
+
+
 def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
     def fail(reason: str, message: str, spec: ModelEndpointSpec | None = None) -> _Endpoint:
         return _Endpoint(res, spec, None, Verdict(False, reason, message, res.generation))
@@ -260,26 +309,10 @@ def _compile_endpoint(res: Resource, inputs: NamespaceInputs) -> _Endpoint:
         )
     api_key: rc.ApiKeySource | None = None
     if spec.credentials is not None:
-        ref = spec.credentials.secret_ref
-        secret = inputs.secrets.get(ref.name)
-        if secret is None:
-            return fail(
-                SECRET_NOT_FOUND,
-                f"Secret {ref.name!r} (spec.credentials.secretRef) not found in namespace "
-                f"{inputs.namespace!r}",
-                spec,
-            )
-        if ref.key not in secret:
-            keys = _join(sorted(secret)) or "none"
-            return fail(
-                SECRET_KEY_NOT_FOUND,
-                f"Secret {ref.name!r} has no key {ref.key!r} (keys: {keys})",
-                spec,
-            )
-        value = secret[ref.key].strip()
-        if not value:
-            return fail(SECRET_KEY_NOT_FOUND, f"Secret {ref.name!r} key {ref.key!r} is empty", spec)
-        api_key = rc.ApiKeySource(value=SecretStr(value))
+        found = _secret_value(spec.credentials.secret_ref, "spec.credentials.secretRef", inputs)
+        if isinstance(found, tuple):
+            return fail(found[0], found[1], spec)
+        api_key = found
     tags = list(spec.compliance)
     if spec.residency is not None:
         tags.append(f"residency:{spec.residency}")
@@ -648,6 +681,94 @@ def _sensitivity(
     return result
 
 
+@dataclass
+class _SidecarSettings:
+    """spec.sidecar merged over the namespace's policies, and the Redis password it needs."""
+
+    merged: sidecar_settings.Merged
+    redis_password: rc.ApiKeySource | None = None
+
+    @property
+    def batch_api_endpoint(self) -> str | None:
+        name = self.merged.values.get(sidecar_settings.BATCH_API_ENDPOINT)
+        return name if isinstance(name, str) else None
+
+    def owns_any(self, policy: str) -> bool:
+        return policy in self.merged.owners.values()
+
+
+def _redis_problem(
+    settings: SidecarSettings, inputs: NamespaceInputs
+) -> tuple[str | None, rc.ApiKeySource | None]:
+    """(what is wrong with the policy's Redis, else None; the password from its Secret)."""
+    redis = settings.cache.redis if settings.cache is not None else None
+    assert redis is not None
+    where = sidecar_settings.field_name(sidecar_settings.REDIS)
+    dropped = "this policy's Redis settings are not applied"
+    if urlsplit(redis.url).password:
+        return (
+            f"{where}.url: the Redis password goes in passwordSecretRef, never in the URL; "
+            f"{dropped}",
+            None,
+        )
+    try:
+        rc.RedisCache(url=redis.url)
+    except ValidationError as exc:
+        return f"{where}: {_validation_detail(exc)}; {dropped}", None
+    if redis.password_secret_ref is None:
+        return None, None
+    found = _secret_value(redis.password_secret_ref, f"{where}.passwordSecretRef", inputs)
+    if isinstance(found, tuple):
+        return f"{where}: {found[1]}; {dropped}", None
+    return None, found
+
+
+def _batch_api_problem(name: str, endpoints: Mapping[str, _Endpoint]) -> str | None:
+    where = sidecar_settings.field_name(sidecar_settings.BATCH_API_ENDPOINT)
+    ep = endpoints.get(name)
+    if ep is None:
+        return f"{where}: ModelEndpoint {name!r} not found"
+    if ep.compiled is None:
+        return f"{where}: ModelEndpoint {name!r} is not ready ({ep.verdict.reason})"
+    if ep.compiled.provider not in (rc.Provider.OPENAI, rc.Provider.OPENAI_COMPATIBLE):
+        return (
+            f"{where}: ModelEndpoint {name!r} has provider {ep.compiled.provider.value}; the "
+            f"Batch API pass-through needs openai or openai-compatible"
+        )
+    return None
+
+
+def _sidecar_settings(
+    policies: Sequence[tuple[Resource, RoutingPolicySpec]],
+    endpoints: Mapping[str, _Endpoint],
+    inputs: NamespaceInputs,
+    errors: dict[str, list[str]],
+) -> _SidecarSettings:
+    """Merge spec.sidecar over the policies (oldest first); a unit with a broken reference (a
+    missing password Secret, an unusable Batch API endpoint) is dropped with an error."""
+    claims: list[tuple[str, dict[sidecar_settings.Path, Any]]] = []
+    passwords: dict[str, rc.ApiKeySource | None] = {}
+    for res, spec in policies:
+        if spec.sidecar is None:
+            continue
+        claimed = sidecar_settings.units(spec.sidecar)
+        if sidecar_settings.REDIS in claimed:
+            problem, passwords[res.name] = _redis_problem(spec.sidecar, inputs)
+            if problem is not None:
+                errors[res.name].append(problem)
+                del claimed[sidecar_settings.REDIS]
+        batch_api = claimed.get(sidecar_settings.BATCH_API_ENDPOINT)
+        if isinstance(batch_api, str):
+            problem = _batch_api_problem(batch_api, endpoints)
+            if problem is not None:
+                errors[res.name].append(problem)
+                del claimed[sidecar_settings.BATCH_API_ENDPOINT]
+        claims.append((res.name, claimed))
+    merged = sidecar_settings.merge(claims)
+    owner = merged.owners.get(sidecar_settings.REDIS)
+    return _SidecarSettings(merged, passwords.get(owner) if owner is not None else None)
+
+
 # --- Budget ----------------------------------------------------------------------------------
 
 
@@ -754,27 +875,34 @@ def compile_namespace(inputs: NamespaceInputs) -> CompiledNamespace:
             )
     early_errors: dict[str, list[str]] = {res.name: [] for res, _ in parsed}
     ns = _Namespace(endpoints, _sensitivity(parsed, early_errors))
+    settings = _sidecar_settings(parsed, endpoints, inputs, early_errors)
     aliases: list[rc.ModelAlias] = []
     rules: list[rc.Rule] = []
     for res, spec in parsed:
         result = _compile_policy(spec, ns, res.name)
         result.errors[:0] = early_errors[res.name]
+        overruled = settings.merged.overruled.get(res.name, [])
+        result.errors.extend(overruled)
         policy_results[res.name] = result
         aliases.extend(result.aliases)
         rules.extend(result.rules)
-        in_config = bool(result.aliases)
+        routes = bool(result.aliases)
+        in_config = routes or settings.owns_any(res.name)
         if result.errors:
-            reason = INVALID_REFERENCES if in_config else NOTHING_ROUTABLE
-            verdicts[(ROUTING_POLICY.kind, res.name)] = Verdict(
-                False, reason, "; ".join(result.errors), res.generation, in_config
-            )
+            reason = INVALID_REFERENCES if routes else NOTHING_ROUTABLE
+            if routes and len(overruled) == len(result.errors):
+                reason = SETTINGS_CONFLICT
+            verdict = Verdict(False, reason, "; ".join(result.errors), res.generation, in_config)
         else:
-            verdicts[(ROUTING_POLICY.kind, res.name)] = Verdict(
-                True, COMPILED, _ready_message(result.notes), res.generation, in_config
-            )
+            message = _ready_message(result.notes)
+            verdict = Verdict(True, COMPILED, message, res.generation, in_config)
+        verdict.conflict = "; ".join(settings.merged.conflicts.get(res.name, []))
+        verdicts[(ROUTING_POLICY.kind, res.name)] = verdict
     used = {t.endpoint for a in aliases for t in a.route_targets()}
     used |= {t.endpoint for r in rules for t in r.targets}
     used |= _overflow_endpoints(aliases, rules)
+    if settings.batch_api_endpoint is not None:
+        used.add(settings.batch_api_endpoint)  # shipped for the Batch API pass-through
 
     for name, ep in endpoints.items():
         v = ep.verdict
@@ -793,7 +921,9 @@ def compile_namespace(inputs: NamespaceInputs) -> CompiledNamespace:
 
     config = None
     if aliases:
-        config = _assemble(inputs.namespace, endpoints, used, aliases, rules, ns, budgets, verdicts)
+        config = _assemble(
+            inputs.namespace, endpoints, used, aliases, rules, ns, settings, budgets, verdicts
+        )
     return CompiledNamespace(inputs.namespace, config, verdicts, tuple(budgets))
 
 
@@ -804,9 +934,11 @@ def _assemble(
     aliases: list[rc.ModelAlias],
     rules: list[rc.Rule],
     ns: _Namespace,
+    settings: _SidecarSettings,
     budgets: list[CompiledBudget],
     verdicts: dict[tuple[str, str], Verdict],
 ) -> rc.RouterConfig | None:
+    values = settings.merged.values
     try:
         config = rc.RouterConfig(
             metadata=rc.Metadata(name=namespace, namespace=namespace),
@@ -819,9 +951,9 @@ def _assemble(
             rules=tuple(rules),
             sensitivity=ns.sensitivity,
             budgets=_spend_budgets(budgets, used),
-            cache=rc.CacheStore(max_entries=ns.cache_entries)
-            if ns.cache_entries
-            else rc.CacheStore(),
+            server=sidecar_settings.server(values),
+            cache=sidecar_settings.cache_store(values, settings.redis_password, ns.cache_entries),
+            lanes=sidecar_settings.lanes(values),
         )
     except ValidationError as exc:
         # The per-object checks above should make this unreachable; if they miss a case, say so

@@ -24,11 +24,22 @@ from .compile import (
     CompiledNamespace,
     NamespaceInputs,
     Resource,
+    Verdict,
     compile_namespace,
     decode_secret,
+    secret_names,
     wire_config,
 )
-from .crd_models import API_VERSION, BUDGET, GROUP, KINDS, MODEL_ENDPOINT, VERSION, Kind
+from .crd_models import (
+    API_VERSION,
+    BUDGET,
+    GROUP,
+    KINDS,
+    MODEL_ENDPOINT,
+    ROUTING_POLICY,
+    VERSION,
+    Kind,
+)
 from .distribution.hub import ConfigHub, SidecarCounts
 from .kube import KubeClient, KubeError
 from .metrics import OperatorMetrics
@@ -39,6 +50,7 @@ log = logging.getLogger("modelplane.operator")
 READY = "Ready"
 APPLIED = "Applied"
 THRESHOLD_REACHED = "ThresholdReached"
+CONFLICTED = "Conflicted"
 _READY_FIELDS = ("status", "reason", "message")
 
 
@@ -81,6 +93,13 @@ def threshold_condition(ledger: BudgetLedger) -> tuple[str, str, str]:
     top = passed[-1]
     reason = "Block" if top.blocks else top.action.value.capitalize()
     return "True", reason, f"{share} {period} (threshold {top.percent}%: {top.action.value})"
+
+
+def conflicted_condition(verdict: Verdict) -> tuple[str, str, str]:
+    """(status, reason, message) of a RoutingPolicy's Conflicted condition (spec.sidecar)."""
+    if verdict.conflict:
+        return "True", "SidecarSettings", verdict.conflict
+    return "False", "NoConflicts", "no other RoutingPolicy sets spec.sidecar fields differently"
 
 
 def applied_condition(
@@ -158,10 +177,9 @@ class Controller:
 
     def secret_changed(self, namespace: str, name: str) -> None:
         for key, body in self._objects.items():
-            if key.kind != MODEL_ENDPOINT.kind or key.namespace != namespace:
+            if key.namespace != namespace:
                 continue
-            ref = ((body.get("spec") or {}).get("credentials") or {}).get("secretRef") or {}
-            if ref.get("name") == name:
+            if name in secret_names(key.kind, body.get("spec") or {}):
                 self.schedule(namespace)
                 return
 
@@ -217,18 +235,14 @@ class Controller:
 
     async def _inputs(self, namespace: str) -> NamespaceInputs:
         by_kind: dict[str, list[Resource]] = {k.kind: [] for k in KINDS}
-        secret_names: set[str] = set()
+        referenced: set[str] = set()
         for key, body in self._objects.items():
             if key.namespace != namespace:
                 continue
             by_kind[key.kind].append(Resource.from_body(body))
-            if key.kind == MODEL_ENDPOINT.kind:
-                spec = body.get("spec") or {}
-                ref = (spec.get("credentials") or {}).get("secretRef") or {}
-                if isinstance(ref.get("name"), str):
-                    secret_names.add(ref["name"])
+            referenced |= secret_names(key.kind, body.get("spec") or {})
         secrets: dict[str, dict[str, str]] = {}
-        for name in sorted(secret_names):
+        for name in sorted(referenced):
             secret = await self._kube.get_secret(namespace, name)
             if secret is not None:
                 secrets[name] = decode_secret(secret)
@@ -342,6 +356,12 @@ class Controller:
             applied = applied_condition(verdict.in_config, compiled.version, counts)
             conditions.append(
                 self._condition(APPLIED, *applied, verdict.generation, old_conditions)
+            )
+        if key.kind == ROUTING_POLICY.kind:
+            conditions.append(
+                self._condition(
+                    CONFLICTED, *conflicted_condition(verdict), verdict.generation, old_conditions
+                )
             )
         status: dict[str, Any] = {
             "observedGeneration": verdict.generation,

@@ -71,7 +71,7 @@ class ProviderName(StrEnum):
 
 class SecretKeyRef(_Spec):
     name: ObjectName
-    """Name of a Secret in the ModelEndpoint's own namespace."""
+    """Name of a Secret in the object's own namespace."""
     key: SecretKey
     """Key inside the Secret's data that holds the credential."""
 
@@ -472,6 +472,92 @@ class CacheSettings(_Spec):
     """How long past its TTL an answer is kept for staleOnError."""
 
 
+class RedisSettings(_Spec):
+    """A Redis server the namespace's sidecars share cached answers through. An outage only
+    degrades each sidecar to its own in-process store; requests never fail because of it."""
+
+    model_config = _cel(
+        (
+            "!self.url.matches('^rediss?://[^/@]*:[^/@]*@')",
+            "the Redis password goes in passwordSecretRef, never in the URL",
+        ),
+    )
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^rediss?://[^\s]+$")
+    """redis://host:port/db or rediss://host:port/db (TLS)."""
+    password_secret_ref: SecretKeyRef | None = None
+    """The password, read from a Secret in the policy's namespace (never inline)."""
+    key_prefix: str | None = Field(default=None, max_length=128)
+    """Prefix of every key (sidecar default: modelplane:cache:)."""
+    timeout_seconds: float | None = Field(default=None, gt=0, le=10)
+    """Per call; a slower call counts as a failure (sidecar default: 0.1)."""
+    retry_seconds: float | None = Field(default=None, gt=0, le=3600)
+    """After a failure Redis is not asked for this long (sidecar default: 5)."""
+
+
+class CacheStoreSettings(_Spec):
+    """The response store of each sidecar, shared by every route whose spec.cache enables it."""
+
+    max_bytes: int | None = Field(default=None, ge=1024, le=16 * 1024 * 1024 * 1024)
+    """Size bound of the in-process store in bytes (sidecar default: 64 MiB)."""
+    max_entries: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Entry bound of the in-process store (unset: the largest spec.cache.maxEntries of the
+    namespace's caching policies, else the sidecar default 10000)."""
+    redis: RedisSettings | None = None
+    """Share entries between the sidecars through Redis (set as a whole: url, password and the
+    rest come from one policy)."""
+
+
+class LaneLimits(_Spec):
+    """Admission of one lane on each sidecar (unset fields: the sidecar defaults)."""
+
+    max_concurrency: int | None = Field(default=None, ge=0, le=100_000)
+    """Requests of the lane forwarded at once; 0: no limit (sidecar default: none for
+    realtime, 4 for batch)."""
+    max_queue: int | None = Field(default=None, ge=0, le=100_000)
+    """Requests that may wait for a slot; one more is refused with 429 (sidecar default: 0
+    for realtime, 256 for batch)."""
+    max_wait_seconds: float | None = Field(default=None, gt=0, le=86400)
+    """A request that waited this long is refused with 503 (sidecar default: 30 for realtime,
+    300 for batch)."""
+
+
+class BatchLaneLimits(LaneLimits):
+    endpoint_share: float | None = Field(default=None, gt=0, le=1)
+    """Share of an endpoint's limits.maxConcurrency batch requests may hold, at least one
+    (sidecar default: 0.5)."""
+    cheapest_first: bool | None = None
+    """Order a batch request's allowed endpoints cheapest first (sidecar default: true)."""
+    batch_api_endpoint: ObjectName | None = None
+    """A ModelEndpoint (provider openai or openai-compatible) that /v1/files and /v1/batches are
+    passed through to, with its own credentials (unset: those routes answer 404)."""
+
+
+class LanesSettings(_Spec):
+    header: str | None = Field(default=None, max_length=256, pattern=r"^[A-Za-z0-9-]+$")
+    """Request header naming a request's lane (sidecar default: x-modelplane-priority)."""
+    realtime: LaneLimits | None = None
+    batch: BatchLaneLimits | None = None
+
+
+class ServerLimits(_Spec):
+    max_body_bytes: int | None = Field(default=None, ge=1024, le=512 * 1024 * 1024)
+    """Larger request bodies are refused with 413 (sidecar default: 10 MiB)."""
+
+
+class SidecarSettings(_Spec):
+    """Settings of every sidecar in the namespace: RouterConfig's server, cache and lanes.
+
+    Any policy of the namespace may set any of them. A field two policies set to different
+    values is a conflict: the older policy's value applies, and both policies say so in their
+    Conflicted condition. Unset fields keep the sidecar defaults.
+    """
+
+    server: ServerLimits | None = None
+    cache: CacheStoreSettings | None = None
+    lanes: LanesSettings | None = None
+
+
 class RoutingPolicySpec(_Spec):
     """Which pods it applies to, the model names they may ask for, and how requests route."""
 
@@ -496,6 +582,9 @@ class RoutingPolicySpec(_Spec):
     timeout: TimeoutSettings = TimeoutSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     cache: CacheSettings = CacheSettings()
+    sidecar: SidecarSettings | None = None
+    """Namespace-wide settings of the sidecars (request size limit, the cache store and its
+    Redis, lane limits, the Batch API endpoint), merged over the namespace's policies."""
 
 
 # --- Budget ------------------------------------------------------------------------------------
