@@ -416,11 +416,8 @@ class Controller:
             if self._written.get(key) == comparable:
                 continue
             previous = self._written.get(key) or self._objects[key].get("status")
-            kind = self._kinds[key.kind]
             try:
-                await self._kube.patch_status(
-                    GROUP, VERSION, kind.plural, key.namespace, key.name, status
-                )
+                await self._patch_status(key, status)
             except (KubeError, OSError, TimeoutError) as exc:
                 if not isinstance(exc, KubeError) or exc.status != 404:
                     log.error("status of %s %s/%s: %s", key.kind, key.namespace, key.name, exc)
@@ -430,6 +427,41 @@ class Controller:
                 continue
             self._written[key] = comparable
             await self._ready_event(key, status, previous)
+
+    async def _patch_status(self, key: ObjectKey, status: Mapping[str, Any]) -> None:
+        """Write one object's status.
+
+        A Budget's status (the books) is written at the resourceVersion this replica last saw,
+        so a write that reaches the apiserver only after this replica's term ended cannot
+        overwrite what a newer leader wrote (409). While it still keeps the books, a 409 (a spec
+        edit, a lagging watch) means: read the object again and write once more.
+        """
+        kind = self._kinds[key.kind]
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{key.namespace}/{kind.plural}/{key.name}"
+        for attempt in range(2):
+            body = self._objects.get(key) or {}
+            version = (body.get("metadata") or {}).get("resourceVersion")
+            fenced = key.kind == BUDGET.kind and isinstance(version, str)
+            try:
+                stored = await self._kube.patch_status(
+                    GROUP,
+                    VERSION,
+                    kind.plural,
+                    key.namespace,
+                    key.name,
+                    status,
+                    resource_version=version if fenced else None,
+                )
+            except KubeError as exc:
+                if not fenced or exc.status != 409 or attempt or not self.keeps_budgets():
+                    raise
+                fresh = await self._kube.request("GET", path)
+                if key in self._objects:
+                    self._objects[key] = fresh
+                continue
+            if fenced and isinstance(stored, Mapping) and key in self._objects:
+                self._objects[key] = stored
+            return
 
     async def write_budget_status(self, namespace: str, name: str) -> None:
         """Write one Budget's status now; raises when the API server did not take it.
@@ -448,7 +480,7 @@ class Controller:
             if self._written.get(key) == comparable:
                 return
             previous = self._written.get(key) or self._objects[key].get("status")
-            await self._kube.patch_status(GROUP, VERSION, BUDGET.plural, namespace, name, status)
+            await self._patch_status(key, status)
             if not self.keeps_budgets():
                 # The lease ran out while writing: a new leader may already have read the books,
                 # so the grant this write was for must not be sent (docs/operator.md).

@@ -95,12 +95,22 @@ class KubeClient:
         return data
 
     async def patch_status(
-        self, group: str, version: str, plural: str, namespace: str, name: str, status: object
-    ) -> None:
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: object,
+        resource_version: str | None = None,
+    ) -> Any:
+        """Merge-patch `status`; with `resource_version`, only if the object is still at it
+        (the apiserver answers 409 otherwise). Returns the object as stored."""
         path = f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status"
-        await self.request(
-            "PATCH", path, {"status": status}, content_type="application/merge-patch+json"
-        )
+        patch: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
     async def apply(self, path: str, body: Mapping[str, Any]) -> Any:
         """Server-side apply `body` at `path` as field manager `modelplane`."""

@@ -73,6 +73,8 @@ class Apiserver:
 
     def __init__(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
         self.objects = {path: copy.deepcopy(dict(body)) for path, body in objects.items()}
+        for body in self.objects.values():
+            body["metadata"].setdefault("resourceVersion", "1")
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
         self.events: list[str] = []
         self.during_patch: Callable[[], None] | None = None
@@ -88,14 +90,37 @@ class Apiserver:
     async def get_secret(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         return None
 
+    def write(self, path: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """A status write as the apiserver stores it: merged, with a new resourceVersion."""
+        stored = self.objects[path]
+        stored["status"] = {**(stored.get("status") or {}), **status}
+        meta = stored["metadata"]
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        return copy.deepcopy(stored)
+
     async def patch_status(
-        self, group: str, version: str, plural: str, namespace: str, name: str, status: object
-    ) -> None:
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: object,
+        resource_version: str | None = None,
+    ) -> Any:
         if self.during_patch is not None:
             hook, self.during_patch = self.during_patch, None
             hook()
         assert isinstance(status, dict)
+        path = f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}"
+        if path in self.objects:
+            current = self.objects[path]["metadata"]["resourceVersion"]
+            if resource_version is not None and resource_version != current:
+                raise KubeError(409, "the object has been modified")
+            self.patches.append((plural, name, status))
+            return self.write(path, status)
         self.patches.append((plural, name, status))
+        return {}
 
     async def post_event(
         self, involved: Mapping[str, str], type_: str, reason: str, message: str
@@ -273,6 +298,42 @@ async def test_a_leader_that_loses_its_lease_while_writing_the_books_does_not_gr
         )
         await a.controller.reconcile(NS)
         assert len(a.kube.patches) == written
+    finally:
+        await close(a)
+
+
+async def test_a_books_write_that_lands_after_the_term_cannot_overwrite_the_next_leaders(
+    clock: FakeClock,
+) -> None:
+    leases = FakeLeases()
+    a = Member("a", leases, clock, fresh_budget({}))
+    try:
+        a.observe(objects())
+        await a.replica.elector.step()
+        await a.taken_over()
+        await a.controller.reconcile(NS)
+        ledger = a.books.ledger(NS, "daily")
+        assert ledger is not None
+
+        # A spec edit moved the Budget on: the leader's next write is refused once (409),
+        # then read again and written.
+        a.kube.write(BUDGET_PATH, {"note": "edited"})
+        ledger.grant("p/1", 0.2)
+        await a.controller.write_budget_status(NS, "daily")
+        assert a.kube.objects[BUDGET_PATH]["status"]["leasedUSD"] == pytest.approx(0.2)
+
+        # The next write is delayed in the network past a's term, and a new leader has written
+        # its books meanwhile: a's stale write is refused, the new books stay.
+        ledger.grant("p/1", 0.3)
+
+        def meanwhile() -> None:
+            clock.advance(10.5)
+            a.kube.write(BUDGET_PATH, {"leasedUSD": 0.0, "note": "new leader"})
+
+        a.kube.during_patch = meanwhile
+        with pytest.raises(KubeError, match="modified"):
+            await a.controller.write_budget_status(NS, "daily")
+        assert a.kube.objects[BUDGET_PATH]["status"]["note"] == "new leader"
     finally:
         await close(a)
 
