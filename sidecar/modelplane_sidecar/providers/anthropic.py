@@ -32,28 +32,34 @@ from .base import (
     Usage,
     content_policy_failure,
     estimated_usage,
+    json_or_none,
     openai_error_body,
     parse_retry_after,
+    raise_if_content_policy_fallback,
     status_kind,
+    usage_with_cache,
 )
 from .openai_chat import (
     ChunkWriter,
     ToolCall,
     arguments_object,
-    completion_body,
     function_tools,
-    invalid,
     json_schema,
     max_tokens,
+    merge_turn,
     messages_of,
     parse_json_object,
     parts,
     reject_unsupported,
+    sse_json_objects,
     stop_sequences,
     system_text,
     text_of,
+    tool_call_id,
     tool_calls_of,
     tool_choice,
+    translated_completion,
+    unknown_role,
     walk_turns,
 )
 from .openai_chat import Image as ImagePart
@@ -121,11 +127,9 @@ class AnthropicAdapter(ChatAdapter):
         if message.get("type") != "message" or not isinstance(message.get("content"), list):
             raise UpstreamFailure(FailureKind.PROTOCOL, "the Anthropic response is not a message")
         if message.get("stop_reason") == "refusal":
-            refusal = content_policy_failure(
+            raise_if_content_policy_fallback(
                 endpoint, "Anthropic refused the prompt (stop_reason: refusal)"
             )
-            if refusal.kind is FailureKind.CONTENT_POLICY:
-                raise refusal
         texts: list[str] = []
         calls: list[ToolCall] = []
         for block in message["content"]:
@@ -137,13 +141,10 @@ class AnthropicAdapter(ChatAdapter):
                 arguments = orjson.dumps(block.get("input") or {}).decode()
                 calls.append(ToolCall(str(block.get("id")), str(block.get("name")), arguments))
         usage = usage_from_anthropic(message.get("usage"))
-        if usage is None:
-            usage = estimated_usage(request_body, sum(map(len, texts)))
         finish = FINISH_REASONS.get(str(message.get("stop_reason")), "stop")
-        text = "".join(texts) if texts or not calls else None
         model = str(message.get("model") or endpoint.model)
         ident = str(message.get("id") or "")
-        return Translated(completion_body(ident, model, text, calls, finish, usage), usage)
+        return translated_completion(ident, model, texts, calls, finish, usage, request_body)
 
     def stream_translator(
         self, endpoint: Endpoint, op: Operation, request_body: dict[str, Any]
@@ -168,10 +169,7 @@ class AnthropicAdapter(ChatAdapter):
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str | None]:
-    try:
-        parsed = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        return None, None
+    parsed = json_or_none(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if not isinstance(error, dict):
         return None, None
@@ -184,15 +182,12 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None]:
 
 def usage_from_anthropic(raw: object) -> Usage | None:
     """OpenAI-style usage: input counts every prompt token, cached reads and writes included."""
-    if not isinstance(raw, dict) or raw.get("input_tokens") is None:
-        return None
-    cache_read = int(raw.get("cache_read_input_tokens") or 0)
-    cache_write = int(raw.get("cache_creation_input_tokens") or 0)
-    return Usage(
-        input_tokens=int(raw.get("input_tokens") or 0) + cache_read + cache_write,
-        output_tokens=int(raw.get("output_tokens") or 0),
-        cached_input_tokens=cache_read,
-        cache_write_tokens=cache_write,
+    return usage_with_cache(
+        raw,
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
     )
 
 
@@ -283,25 +278,17 @@ def _turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 )
             turn_role = "assistant"
         elif role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str):
-                raise invalid(f"messages[{index}]: tool messages need tool_call_id", "messages")
             blocks = [
                 {
                     "type": "tool_result",
-                    "tool_use_id": call_id,
+                    "tool_use_id": tool_call_id(message, index),
                     "content": text_of(message.get("content"), NAME),
                 }
             ]
             turn_role = "user"
         else:
-            raise invalid(f"messages[{index}]: unknown role {role!r}", "messages")
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn_role, "content": blocks})
+            raise unknown_role(message, index)
+        merge_turn(turns, turn_role, blocks)
     return turns
 
 
@@ -347,13 +334,8 @@ class AnthropicStreamTranslator:
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            if not event.data:
-                continue
-            data = parse_json_object(event.data, "an Anthropic stream event")
-            out.append(self._event(data))
-        return b"".join(out)
+        events = sse_json_objects(self._parser, chunk, "an Anthropic stream event")
+        return b"".join([self._event(data) for data in events])
 
     def _event(self, data: dict[str, Any]) -> bytes:
         kind = data.get("type")

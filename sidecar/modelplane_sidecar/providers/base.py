@@ -217,6 +217,24 @@ def status_kind(status: int) -> FailureKind:
     return FailureKind.CLIENT_ERROR
 
 
+def usage_with_cache(
+    raw: object, input_key: str, output_key: str, cache_read_key: str, cache_write_key: str
+) -> Usage | None:
+    """OpenAI-style usage from a provider that counts cache reads and writes apart from the
+    other prompt tokens (Anthropic, Bedrock): input counts every prompt token. None when the
+    provider reported no input count."""
+    if not isinstance(raw, dict) or raw.get(input_key) is None:
+        return None
+    cache_read = int(raw.get(cache_read_key) or 0)
+    cache_write = int(raw.get(cache_write_key) or 0)
+    return Usage(
+        input_tokens=int(raw.get(input_key) or 0) + cache_read + cache_write,
+        output_tokens=int(raw.get(output_key) or 0),
+        cached_input_tokens=cache_read,
+        cache_write_tokens=cache_write,
+    )
+
+
 def estimate_tokens(text_chars: int) -> int:
     """A provider-neutral token estimate: about four characters per token for English text."""
     return (text_chars + 3) // 4
@@ -242,6 +260,14 @@ def estimated_usage(request_body: Mapping[str, Any], output_chars: int) -> Usage
     )
 
 
+def json_or_none(body: bytes) -> object:
+    """An error body as JSON, or None when it is empty or not JSON (errors are read leniently)."""
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
 def content_policy_failure(
     endpoint: Endpoint, message: str, status: int | None = None, client_body: bytes | None = None
 ) -> UpstreamFailure:
@@ -249,6 +275,14 @@ def content_policy_failure(
     fallback = endpoint.options.get("contentPolicy") == "fallback"
     kind = FailureKind.CONTENT_POLICY if fallback else FailureKind.CLIENT_ERROR
     return UpstreamFailure(kind, message, status, None, client_body)
+
+
+def raise_if_content_policy_fallback(endpoint: Endpoint, message: str) -> None:
+    """A refusal inside a 2xx answer: raised only when the endpoint lets another endpoint try
+    (`contentPolicy: fallback`); otherwise the refusal is the answer the app receives."""
+    refusal = content_policy_failure(endpoint, message)
+    if refusal.kind is FailureKind.CONTENT_POLICY:
+        raise refusal
 
 
 def unsupported(provider: str, what: str) -> UpstreamFailure:

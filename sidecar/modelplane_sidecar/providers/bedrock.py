@@ -36,12 +36,14 @@ from .base import (
     UpstreamFailure,
     UpstreamRequest,
     Usage,
-    content_policy_failure,
     estimated_usage,
+    json_or_none,
     openai_error_body,
     parse_retry_after,
+    raise_if_content_policy_fallback,
     status_kind,
     unsupported,
+    usage_with_cache,
 )
 from .eventstream import EventMessage, EventStreamDecoder
 from .openai_chat import (
@@ -49,11 +51,10 @@ from .openai_chat import (
     Image,
     ToolCall,
     arguments_object,
-    completion_body,
     function_tools,
-    invalid,
     json_schema,
     max_tokens,
+    merge_turn,
     messages_of,
     new_id,
     parse_json_object,
@@ -62,8 +63,11 @@ from .openai_chat import (
     stop_sequences,
     system_text,
     text_of,
+    tool_call_id,
     tool_calls_of,
     tool_choice,
+    translated_completion,
+    unknown_role,
     walk_turns,
 )
 from .sigv4 import resolve_credentials, sign
@@ -138,9 +142,7 @@ class BedrockAdapter(ChatAdapter):
         reason = str(response.get("stopReason"))
         finish = FINISH_REASONS.get(reason, "stop")
         if finish == "content_filter":
-            refusal = content_policy_failure(endpoint, f"Bedrock stopped the answer: {reason}")
-            if refusal.kind is FailureKind.CONTENT_POLICY:
-                raise refusal
+            raise_if_content_policy_fallback(endpoint, f"Bedrock stopped the answer: {reason}")
         texts: list[str] = []
         calls: list[ToolCall] = []
         for block in message["content"]:
@@ -153,11 +155,10 @@ class BedrockAdapter(ChatAdapter):
                 arguments = orjson.dumps(use.get("input") or {}).decode()
                 calls.append(ToolCall(str(use.get("toolUseId")), str(use.get("name")), arguments))
         usage = usage_from_bedrock(response.get("usage"))
-        if usage is None:
-            usage = estimated_usage(request_body, sum(map(len, texts)))
-        text = "".join(texts) if texts or not calls else None
         ident = new_id("chatcmpl")
-        return Translated(completion_body(ident, endpoint.model, text, calls, finish, usage), usage)
+        return translated_completion(
+            ident, endpoint.model, texts, calls, finish, usage, request_body
+        )
 
     def stream_translator(
         self, endpoint: Endpoint, op: Operation, request_body: dict[str, Any]
@@ -169,10 +170,7 @@ class BedrockAdapter(ChatAdapter):
     ) -> UpstreamFailure:
         error_type = headers.get("x-amzn-errortype", "").partition(":")[0]
         message = None
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = json_or_none(body)
         if isinstance(parsed, dict):
             raw = parsed.get("message") or parsed.get("Message")
             message = raw if isinstance(raw, str) else None
@@ -201,15 +199,8 @@ def region_of(endpoint: Endpoint) -> str | None:
 
 
 def usage_from_bedrock(raw: object) -> Usage | None:
-    if not isinstance(raw, dict) or raw.get("inputTokens") is None:
-        return None
-    cache_read = int(raw.get("cacheReadInputTokens") or 0)
-    cache_write = int(raw.get("cacheWriteInputTokens") or 0)
-    return Usage(
-        input_tokens=int(raw.get("inputTokens") or 0) + cache_read + cache_write,
-        output_tokens=int(raw.get("outputTokens") or 0),
-        cached_input_tokens=cache_read,
-        cache_write_tokens=cache_write,
+    return usage_with_cache(
+        raw, "inputTokens", "outputTokens", "cacheReadInputTokens", "cacheWriteInputTokens"
     )
 
 
@@ -287,22 +278,14 @@ def _turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     use = {"toolUseId": call.id, "name": call.name, "input": arguments_object(call)}
                     blocks.append({"toolUse": use})
         elif role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str):
-                raise invalid(f"messages[{index}]: tool messages need tool_call_id", "messages")
             result = {
-                "toolUseId": call_id,
+                "toolUseId": tool_call_id(message, index),
                 "content": [{"text": text_of(message.get("content"), NAME)}],
             }
             blocks, role = [{"toolResult": result}], "user"
         else:
-            raise invalid(f"messages[{index}]: unknown role {role!r}", "messages")
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
+            raise unknown_role(message, index)
+        merge_turn(turns, role, blocks)
     return turns
 
 

@@ -36,10 +36,11 @@ from .base import (
     UpstreamFailure,
     UpstreamRequest,
     Usage,
-    content_policy_failure,
     estimated_usage,
+    json_or_none,
     openai_error_body,
     parse_retry_after,
+    raise_if_content_policy_fallback,
     status_kind,
 )
 from .openai_chat import (
@@ -47,21 +48,24 @@ from .openai_chat import (
     Image,
     ToolCall,
     arguments_object,
-    completion_body,
     function_tools,
     invalid,
     json_schema,
     max_tokens,
+    merge_turn,
     messages_of,
     new_id,
     parse_json_object,
     parts,
     reject_unsupported,
+    sse_json_objects,
     stop_sequences,
     system_text,
     text_of,
     tool_calls_of,
     tool_choice,
+    translated_completion,
+    unknown_role,
     walk_turns,
 )
 from .sse import SSEParser
@@ -126,9 +130,7 @@ class GeminiAdapter(ChatAdapter):
         response = parse_json_object(body, "the Gemini response")
         blocked = _prompt_block(response)
         if blocked is not None:
-            refusal = content_policy_failure(endpoint, f"Gemini blocked the prompt: {blocked}")
-            if refusal.kind is FailureKind.CONTENT_POLICY:
-                raise refusal
+            raise_if_content_policy_fallback(endpoint, f"Gemini blocked the prompt: {blocked}")
         texts: list[str] = []
         calls: list[ToolCall] = []
         reason = "content_filter" if blocked else "stop"
@@ -144,16 +146,11 @@ class GeminiAdapter(ChatAdapter):
                     calls.append(_tool_call(part, len(calls)))
             reason = _finish(candidate.get("finishReason"), bool(calls))
             if reason == "content_filter" and not texts:
-                refusal = content_policy_failure(endpoint, "Gemini blocked the answer (safety)")
-                if refusal.kind is FailureKind.CONTENT_POLICY:
-                    raise refusal
+                raise_if_content_policy_fallback(endpoint, "Gemini blocked the answer (safety)")
         usage = usage_from_gemini(response.get("usageMetadata"))
-        if usage is None:
-            usage = estimated_usage(request_body, sum(map(len, texts)))
-        text = "".join(texts) if texts or not calls else None
         ident = str(response.get("responseId") or new_id("chatcmpl"))
         model = str(response.get("modelVersion") or endpoint.model)
-        return Translated(completion_body(ident, model, text, calls, reason, usage), usage)
+        return translated_completion(ident, model, texts, calls, reason, usage, request_body)
 
     def stream_translator(
         self, endpoint: Endpoint, op: Operation, request_body: dict[str, Any]
@@ -163,10 +160,7 @@ class GeminiAdapter(ChatAdapter):
     def classify_error(
         self, endpoint: Endpoint, status: int, headers: Mapping[str, str], body: bytes
     ) -> UpstreamFailure:
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = json_or_none(body)
         error = parsed.get("error") if isinstance(parsed, dict) else None
         if isinstance(parsed, list) and parsed and isinstance(parsed[0], dict):
             error = parsed[0].get("error")  # streamGenerateContent without alt=sse wraps it
@@ -308,13 +302,8 @@ def _contents(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ]
             turn_role = "user"
         else:
-            raise invalid(f"messages[{index}]: unknown role {role!r}", "messages")
-        if not out_parts:
-            continue
-        if contents and contents[-1]["role"] == turn_role:
-            contents[-1]["parts"].extend(out_parts)
-        else:
-            contents.append({"role": turn_role, "parts": out_parts})
+            raise unknown_role(message, index)
+        merge_turn(contents, turn_role, out_parts, key="parts")
     return contents
 
 
@@ -369,13 +358,8 @@ class GeminiStreamTranslator:
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            if not event.data:
-                continue
-            response = parse_json_object(event.data, "a Gemini stream event")
-            out.append(self._response(response))
-        return b"".join(out)
+        responses = sse_json_objects(self._parser, chunk, "a Gemini stream event")
+        return b"".join([self._response(response) for response in responses])
 
     def _response(self, response: dict[str, Any]) -> bytes:
         writer = self._writer

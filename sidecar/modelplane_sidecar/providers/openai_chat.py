@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from .base import FailureKind, UpstreamFailure, Usage, unsupported
-from .sse import DONE_FRAME, sse_data
+from .base import FailureKind, Translated, UpstreamFailure, Usage, estimated_usage, unsupported
+from .sse import DONE_FRAME, SSEParser, sse_data
 
 
 @dataclass(slots=True)
@@ -256,6 +256,31 @@ def walk_turns(
             yield index, message
 
 
+def tool_call_id(message: Mapping[str, Any], index: int) -> str:
+    """The id of the call a `tool` message (messages[index]) answers."""
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str):
+        raise invalid(f"messages[{index}]: tool messages need tool_call_id", "messages")
+    return call_id
+
+
+def unknown_role(message: Mapping[str, Any], index: int) -> UpstreamFailure:
+    return invalid(f"messages[{index}]: unknown role {message['role']!r}", "messages")
+
+
+def merge_turn(
+    turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]], key: str = "content"
+) -> None:
+    """Append a turn, or extend the last one of the same role: these APIs want roles to
+    alternate, and tool results (a user turn) may follow each other or a user message."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key].extend(blocks)
+    else:
+        turns.append({"role": role, key: blocks})
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
@@ -299,6 +324,23 @@ def completion_body(
             "usage": usage_json(usage),
         }
     )
+
+
+def translated_completion(
+    ident: str,
+    model: str,
+    texts: list[str],
+    calls: list[ToolCall],
+    finish_reason: str,
+    usage: Usage | None,
+    request_body: Mapping[str, Any],
+) -> Translated:
+    """A provider's complete answer as the `chat.completion` the app receives; usage the
+    provider did not report is estimated from the request and the text."""
+    if usage is None:
+        usage = estimated_usage(request_body, sum(map(len, texts)))
+    text = "".join(texts) if texts or not calls else None
+    return Translated(completion_body(ident, model, text, calls, finish_reason, usage), usage)
 
 
 class ChunkWriter:
@@ -370,6 +412,13 @@ class ChunkWriter:
             "usage": usage_json(usage),
         }
         return sse_data(orjson.dumps(payload)) + DONE_FRAME
+
+
+def sse_json_objects(parser: SSEParser, chunk: bytes, what: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects of the SSE events completed by `chunk` (events without data skipped)."""
+    for event in parser.feed(chunk):
+        if event.data:
+            yield parse_json_object(event.data, what)
 
 
 def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
