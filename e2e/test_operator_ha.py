@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import ssl
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,22 @@ class Replica:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         self.process.stop(sig)
+
+    def leading(self, ca: Path) -> float | None:
+        """The replica's `modelplane_operator_leader` gauge, from its /metrics (None: not up)."""
+        context = ssl.create_default_context(cafile=str(ca))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        try:
+            with opener.open(self.url + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("modelplane_operator_leader "):
+                return float(line.split()[1])
+        return None
 
 
 def lease(cluster: Cluster, install: Install) -> dict[str, Any]:
@@ -251,9 +269,15 @@ def test_two_replicas_one_leader_fleet_counts_and_failover(
         events = wait_for(warnings, "the broken endpoint's Warning Event")
         assert {e.get("reportingInstance") for e in events} == {first}
 
-        # A sidecar on each replica: both get the config, and Applied counts both.
+        # Each replica says whether it leads; exactly one does.
         ca = tmp_path / "ca.crt"
         ca.write_bytes(base64.b64decode(install.stored_ca()))
+        wait_for(
+            lambda: (leader.leading(ca), follower.leading(ca)) == (1.0, 0.0),
+            "one replica to say it leads and the other that it follows",
+        )
+
+        # A sidecar on each replica: both get the config, and Applied counts both.
         for name, replica in (("app-a", leader), ("app-b", follower)):
             sidecars.append(
                 Sidecar(
@@ -284,6 +308,7 @@ def test_two_replicas_one_leader_fleet_counts_and_failover(
             timeout=LEASE_SECONDS + 10,
         )
         assert lease(cluster, install)["spec"]["leaseTransitions"] == transitions + 1
+        wait_for(lambda: follower.leading(ca) == 1.0, "the survivor to say it leads")
 
         # It keeps status current: an edit after the failover is compiled, pushed and reported.
         cluster.kubectl(
