@@ -6,76 +6,31 @@ tests/operator/test_distribution.py); e2e/test_budgets.py runs the same against 
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
+from config_stream import NAMESPACE, budgeted_config, eventually, review, streamed_sidecar
 
 from modelplane_operator.budget.service import BudgetService
-from modelplane_operator.compile import NamespaceInputs, Resource, compile_namespace, wire_config
 from modelplane_operator.distribution.auth import Authenticator
 from modelplane_operator.distribution.hub import ConfigHub
 from modelplane_operator.distribution.server import StreamServer
-from modelplane_sidecar.controlplane import Backoff, ControlPlaneClient
-from modelplane_sidecar.metrics import SidecarMetrics
-from modelplane_sidecar.server import HOLDER_KEY, create_app
-from modelplane_sidecar.spend import SpendTracker
 from modelplane_sidecar.standins import start_site
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
-NAMESPACE = "team-a"
 LIMIT = 0.01
 NOW = dt.datetime(2026, 3, 14, 12, tzinfo=dt.UTC)
-
-
-async def review(token: str, audiences: list[str]) -> Mapping[str, Any]:
-    return {
-        "authenticated": token == "tok-a",
-        "audiences": audiences,
-        "user": {
-            "username": f"system:serviceaccount:{NAMESPACE}:app",
-            "extra": {"authentication.kubernetes.io/pod-name": ["app-pod"]},
-        },
-    }
-
-
-async def eventually(check: Callable[[], object], what: str, polls: int = 400) -> None:
-    for _ in range(polls):
-        if check():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def namespace(upstream: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    budget = {
-        "metadata": {"name": "daily", "namespace": NAMESPACE},
-        "spec": {
-            "period": "daily",
-            "limitUSD": LIMIT,
-            "maxOutputTokens": 50,
-            "thresholds": [{"percent": 100, "action": "block"}],
-        },
-    }
-    compiled = compile_namespace(
-        NamespaceInputs(
-            NAMESPACE,
-            # No pricing: gpt-4o is priced from the built-in table (2.50 / 10.00 per 1M).
-            endpoints=[
-                Resource("gpt", {"provider": "openai", "model": "gpt-4o", "baseURL": upstream})
-            ],
-            policies=[
-                Resource("p", {"models": [{"name": "chat", "targets": [{"endpoint": "gpt"}]}]})
-            ],
-            budgets=[Resource.from_body(budget)],
-        )
-    )
-    assert compiled.config is not None
-    return wire_config(compiled.config), budget
+BUDGET = {
+    "metadata": {"name": "daily", "namespace": NAMESPACE},
+    "spec": {
+        "period": "daily",
+        "limitUSD": LIMIT,
+        "maxOutputTokens": 50,
+        "thresholds": [{"percent": 100, "action": "block"}],
+    },
+}
 
 
 async def test_spend_flows_up_the_stream_and_the_budget_ends_with_a_429_naming_it(
@@ -83,79 +38,58 @@ async def test_spend_flows_up_the_stream_and_the_budget_ends_with_a_429_naming_i
 ) -> None:
     standin = OpenAIStandIn("upstream")
     up_runner, up_port = await start_site(standin.app())
-    config, budget = namespace(f"http://127.0.0.1:{up_port}/v1")
+    config = budgeted_config(f"http://127.0.0.1:{up_port}/v1", BUDGET)
     hub = ConfigHub()
     books = BudgetService(clock=lambda: NOW)
-    books.sync(NAMESPACE, [budget])
+    books.sync(NAMESPACE, [BUDGET])
     server = StreamServer(hub, Authenticator(review))
     server.budgets = books
     stream_port = await server.start("127.0.0.1", 0, None)
     hub.publish(NAMESPACE, config["metadata"]["version"], config)
-
-    metrics = SidecarMetrics()
-    tracker = SpendTracker("app-pod", on_settle=metrics.budget_settled)
-    app = create_app(None, metrics, None, tracker)
-    token = tmp_path / "token"
-    token.write_text("tok-a")
-    client = ControlPlaneClient(
-        f"http://127.0.0.1:{stream_port}",
-        token,
-        app[HOLDER_KEY],
-        node="app-pod",
-        backoff=Backoff(0.01, 0.05),
-        metrics=metrics,
-        spend=tracker,
-    )
-    sidecar_runner, sidecar_port = await start_site(app)
-    client.start()
-    app_client = openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{sidecar_port}/v1", api_key="unused", max_retries=0
-    )
     try:
-        await eventually(lambda: app[HOLDER_KEY].snapshot is not None, "the config")
-        await eventually(lambda: tracker.lease("daily").epoch, "the budget's period")
+        async with streamed_sidecar(f"http://127.0.0.1:{stream_port}", tmp_path) as sidecar:
+            await eventually(lambda: sidecar.holder.snapshot is not None, "the config")
+            await eventually(lambda: sidecar.tracker.lease("daily").epoch, "the budget's period")
 
-        served = 0
-        refused: openai.RateLimitError | None = None
-        for _ in range(400):
-            try:
-                await app_client.chat.completions.create(
-                    model="chat", messages=[{"role": "user", "content": "hello there"}]
-                )
-                served += 1
-            except openai.RateLimitError as exc:
-                refused = exc
-                break
-        assert refused is not None, "the budget never ran out"
-        assert served > 10
-        body = refused.body
-        assert isinstance(body, dict)
-        assert body["code"] == "budget_exhausted"
-        assert body["message"].startswith("Budget 'daily' is exhausted for this period")
-        assert refused.response.headers["x-modelplane-budget"] == "daily"
-        # The cap was forced into every upstream call, with the key OpenAI's API wants.
-        assert {r.body.get("max_completion_tokens") for r in standin.received} == {50}
+            served = 0
+            refused: openai.RateLimitError | None = None
+            for _ in range(400):
+                try:
+                    await sidecar.client.chat.completions.create(
+                        model="chat", messages=[{"role": "user", "content": "hello there"}]
+                    )
+                    served += 1
+                except openai.RateLimitError as exc:
+                    refused = exc
+                    break
+            assert refused is not None, "the budget never ran out"
+            assert served > 10
+            body = refused.body
+            assert isinstance(body, dict)
+            assert body["code"] == "budget_exhausted"
+            assert body["message"].startswith("Budget 'daily' is exhausted for this period")
+            assert refused.response.headers["x-modelplane-budget"] == "daily"
+            # The cap was forced into every upstream call, with the key OpenAI's API wants.
+            assert {r.body.get("max_completion_tokens") for r in standin.received} == {50}
 
-        ledger = books.ledger(NAMESPACE, "daily")
-        assert ledger is not None
-        await eventually(
-            lambda: ledger.endpoints.get("gpt") and ledger.endpoints["gpt"].requests == served,
-            "the usage reports",
-        )
-        usage = ledger.endpoints["gpt"]
-        expected = (usage.input_tokens * 2.5 + usage.output_tokens * 10.0) / 1e6
-        assert ledger.spent == pytest.approx(expected)
-        assert ledger.spent <= LIMIT
-        # What is left cannot pay for one more call's worst case.
-        worst = (len(b"hello there") + 4) * 2.5e-6 + 50 * 10e-6
-        assert LIMIT - ledger.spent - ledger.leased < worst + 1e-9
-        spend_metric = metrics.budget_spend.labels("daily", "gpt")._value.get()
-        assert spend_metric == pytest.approx(ledger.spent)
-        assert metrics.budget_refusals.labels("daily")._value.get() == 1
+            ledger = books.ledger(NAMESPACE, "daily")
+            assert ledger is not None
+            await eventually(
+                lambda: ledger.endpoints.get("gpt") and ledger.endpoints["gpt"].requests == served,
+                "the usage reports",
+            )
+            usage = ledger.endpoints["gpt"]
+            expected = (usage.input_tokens * 2.5 + usage.output_tokens * 10.0) / 1e6
+            assert ledger.spent == pytest.approx(expected)
+            assert ledger.spent <= LIMIT
+            # What is left cannot pay for one more call's worst case.
+            worst = (len(b"hello there") + 4) * 2.5e-6 + 50 * 10e-6
+            assert LIMIT - ledger.spent - ledger.leased < worst + 1e-9
+            metrics = sidecar.metrics
+            spend_metric = metrics.budget_spend.labels("daily", "gpt")._value.get()
+            assert spend_metric == pytest.approx(ledger.spent)
+            assert metrics.budget_refusals.labels("daily")._value.get() == 1
     finally:
-        await app_client.close()
-        await client.stop()
-        await sidecar_runner.cleanup()
         await server.stop()
         await books.close()
         await up_runner.cleanup()

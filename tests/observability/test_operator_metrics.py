@@ -8,13 +8,13 @@ sync state must say so.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from config_stream import eventually
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelplane_operator.distribution.auth import Authenticator
@@ -51,14 +51,6 @@ def router_config(alias: str = "chat", endpoints: list[str] | None = None) -> di
     version = parse_config(data).content_hash() if endpoints is None else "broken"
     data["metadata"] = {"name": "team-a", "version": version}
     return data
-
-
-async def eventually(check: Callable[[], bool], what: str, polls: int = 500) -> None:
-    for _ in range(polls):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def value(text: str, name: str, **labels: str) -> float:

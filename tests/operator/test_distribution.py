@@ -6,15 +6,15 @@ like the apiserver's); e2e/test_operator.py runs the same paths against a real a
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from config_stream import eventually
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,15 +72,6 @@ def router_config(model: str = "gpt-4o-mini", alias: str = "chat") -> dict[str, 
 
 def version_of(config: dict[str, Any]) -> str:
     return str(config["metadata"]["version"])
-
-
-async def eventually(check: Callable[[], bool], what: str, polls: int = 500) -> None:
-    """Wait (bounded: `polls` x 20 ms) until `check` holds."""
-    for _ in range(polls):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Stack:

@@ -9,31 +9,26 @@ processes against a real apiserver.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from config_stream import NAMESPACE, budgeted_config, eventually, review, streamed_sidecar
 
 from modelplane_operator.budget.ledger import BudgetLedger
 from modelplane_operator.budget.service import BudgetService
-from modelplane_operator.compile import NamespaceInputs, Resource, compile_namespace, wire_config
 from modelplane_operator.distribution.auth import Authenticator
 from modelplane_operator.distribution.hub import ConfigHub
 from modelplane_operator.distribution.relay import Peer, SpendRelays
 from modelplane_operator.distribution.server import StreamServer
-from modelplane_sidecar.controlplane import Backoff, ControlPlaneClient
-from modelplane_sidecar.metrics import SidecarMetrics
-from modelplane_sidecar.server import HOLDER_KEY, create_app
 from modelplane_sidecar.spend import SpendTracker
 from modelplane_sidecar.standins import start_site
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
-NAMESPACE = "team-a"
 NOW = dt.datetime(2026, 3, 14, 12, tzinfo=dt.UTC)
 BUDGET = {
     "metadata": {"name": "daily", "namespace": NAMESPACE},
@@ -45,42 +40,6 @@ BUDGET = {
         "thresholds": [{"percent": 100, "action": "block"}],
     },
 }
-
-
-async def review(token: str, audiences: list[str]) -> Mapping[str, Any]:
-    return {
-        "authenticated": token == "tok-a",
-        "audiences": audiences,
-        "user": {
-            "username": f"system:serviceaccount:{NAMESPACE}:app",
-            "extra": {"authentication.kubernetes.io/pod-name": ["app-pod"]},
-        },
-    }
-
-
-async def eventually(check: Callable[[], object], what: str, polls: int = 400) -> None:
-    for _ in range(polls):
-        if check():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def config_for(upstream: str) -> dict[str, Any]:
-    compiled = compile_namespace(
-        NamespaceInputs(
-            NAMESPACE,
-            endpoints=[
-                Resource("gpt", {"provider": "openai", "model": "gpt-4o", "baseURL": upstream})
-            ],
-            policies=[
-                Resource("p", {"models": [{"name": "chat", "targets": [{"endpoint": "gpt"}]}]})
-            ],
-            budgets=[Resource.from_body(BUDGET)],
-        )
-    )
-    assert compiled.config is not None
-    return wire_config(compiled.config)
 
 
 @dataclass
@@ -116,7 +75,7 @@ class Fleet:
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     standin = OpenAIStandIn("upstream")
     up_runner, up_port = await start_site(standin.app())
-    config = config_for(f"http://127.0.0.1:{up_port}/v1")
+    config = budgeted_config(f"http://127.0.0.1:{up_port}/v1", BUDGET)
 
     leader_hub = ConfigHub()
     books = BudgetService(clock=lambda: NOW)
@@ -135,42 +94,21 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     follower_port = await follower.start("127.0.0.1", 0, None)
     follower_hub.publish(NAMESPACE, config["metadata"]["version"], config)
 
-    metrics = SidecarMetrics()
-    tracker = SpendTracker("app-pod", on_settle=metrics.budget_settled)
-    sidecar_app = create_app(None, metrics, None, tracker)
-    token = tmp_path / "token"
-    token.write_text("tok-a")
-    client = ControlPlaneClient(
-        f"http://127.0.0.1:{follower_port}",
-        token,
-        sidecar_app[HOLDER_KEY],
-        node="app-pod",
-        backoff=Backoff(0.01, 0.05),
-        metrics=metrics,
-        spend=tracker,
-    )
-    sidecar_runner, sidecar_port = await start_site(sidecar_app)
-    app = openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{sidecar_port}/v1", api_key="unused", max_retries=0
-    )
-    client.start()
     try:
-        yield Fleet(
-            leader,
-            leader_hub,
-            books,
-            follower,
-            follower_hub,
-            peer,
-            tracker,
-            sidecar_app[HOLDER_KEY],
-            app,
-            standin,
-        )
+        async with streamed_sidecar(f"http://127.0.0.1:{follower_port}", tmp_path) as sidecar:
+            yield Fleet(
+                leader,
+                leader_hub,
+                books,
+                follower,
+                follower_hub,
+                peer,
+                sidecar.tracker,
+                sidecar.holder,
+                sidecar.client,
+                standin,
+            )
     finally:
-        await app.close()
-        await client.stop()
-        await sidecar_runner.cleanup()
         await follower.stop()
         await leader.stop()
         await books.close()
