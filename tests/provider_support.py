@@ -8,7 +8,9 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 from harness import chain_config
+from openai.types.chat import ChatCompletionAssistantMessageParam
 
 
 def openai_client(url: str) -> openai.OpenAI:
@@ -26,6 +28,34 @@ def chain(*endpoints: dict[str, Any], **alias_settings: Any) -> dict[str, Any]:
 
 def ep(name: str, provider: str, url: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "provider": provider, "baseUrl": url, "model": f"{name}-model", **extra}
+
+
+def weather_call(call_id: str, content: str | None = None) -> ChatCompletionAssistantMessageParam:
+    """An assistant turn calling get_weather(city="Oslo") as tool call `call_id`."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }
+        ],
+    }
+
+
+def read_until_failure(client: openai.OpenAI) -> tuple[str, openai.APIError]:
+    """Stream a chat answer that is expected to fail part-way: the text the app read before
+    the failure, and the error the SDK raised."""
+    stream = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    text = ""
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            text += chunk.choices[0].delta.content or ""
+    return text, caught.value
 
 
 def settled(read: Callable[[], float], until: Callable[[float], bool]) -> float:

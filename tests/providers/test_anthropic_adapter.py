@@ -15,7 +15,14 @@ import openai
 import orjson
 import pytest
 from harness import Upstreams
-from provider_support import chain, ep, openai_client, settled
+from provider_support import (
+    chain,
+    ep,
+    openai_client,
+    read_until_failure,
+    settled,
+    weather_call,
+)
 
 from modelplane_sidecar.standins.anthropic import AnthropicStandIn
 from modelplane_sidecar.standins.openai import Behaviour
@@ -64,17 +71,7 @@ def test_request_translation_and_response(upstreams: Upstreams, serve: Serve) ->
                     {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
                 ],
             },
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                    }
-                ],
-            },
+            weather_call("call_1"),
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
             {"role": "user", "content": "And now?"},
         ],
@@ -322,16 +319,9 @@ def test_stream_errors_become_error_events(upstreams: Upstreams, serve: Serve) -
     for behaviour in (Behaviour("stream-error", cut_after=5), Behaviour("cut", cut_after=5)):
         # Paced so that the first frames reach the app before the failure does.
         claude = AnthropicStandIn("claude", chunk_delay=0.02, default=behaviour)
-        client = openai_client(_router(upstreams, serve(claude)))
-        stream = client.chat.completions.create(
-            model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        text = ""
-        with pytest.raises(openai.APIError) as caught:
-            for chunk in stream:
-                text += chunk.choices[0].delta.content or ""
+        text, error = read_until_failure(openai_client(_router(upstreams, serve(claude))))
         assert text, "the stream had started before it failed"
-        assert "failed after it started" in caught.value.message
+        assert "failed after it started" in error.message
 
 
 def test_openai_fails_anthropic_serves_streamed(upstreams: Upstreams, serve: Serve) -> None:

@@ -22,7 +22,15 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 from botocore.eventstream import EventStreamBuffer
 from harness import Upstreams, http
-from provider_support import anthropic_client, chain, ep, openai_client, settled
+from provider_support import (
+    anthropic_client,
+    chain,
+    ep,
+    openai_client,
+    read_until_failure,
+    settled,
+    weather_call,
+)
 
 from modelplane_sidecar.config import ConfigError, parse_config
 from modelplane_sidecar.metrics import SidecarMetrics
@@ -211,17 +219,7 @@ def test_converse_request_and_response(upstreams: Upstreams, serve: Serve, aws_e
                     {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
                 ],
             },
-            {
-                "role": "assistant",
-                "content": "Calling.",
-                "tool_calls": [
-                    {
-                        "id": "tooluse_1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                    }
-                ],
-            },
+            weather_call("tooluse_1", "Calling."),
             {"role": "tool", "tool_call_id": "tooluse_1", "content": "sunny"},
         ],
         tools=[TOOL],
@@ -366,16 +364,10 @@ def test_errors_and_fallbacks(upstreams: Upstreams, serve: Serve, aws_env: None)
 def test_mid_stream_failures(upstreams: Upstreams, serve: Serve, aws_env: None, kind: str) -> None:
     bedrock = BedrockStandIn("bedrock", chunk_delay=0.02, default=Behaviour(kind, cut_after=4))
     client = openai_client(upstreams.router(chain(_bedrock("bedrock", serve(bedrock)))).url)
-    stream = client.chat.completions.create(
-        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
-    )
-    text = ""
-    with pytest.raises(openai.APIError) as caught:
-        for chunk in stream:
-            text += chunk.choices[0].delta.content or ""
+    text, error = read_until_failure(client)
     assert text
     expected = "throttlingException" if kind == "stream-error" else "connection broke"
-    assert expected in caught.value.message
+    assert expected in error.message
 
 
 def test_standin_speaks_what_botocore_expects(serve: Serve) -> None:

@@ -12,7 +12,15 @@ import pytest
 from google import genai
 from google.genai import types
 from harness import Upstreams
-from provider_support import anthropic_client, chain, ep, openai_client, settled
+from provider_support import (
+    anthropic_client,
+    chain,
+    ep,
+    openai_client,
+    read_until_failure,
+    settled,
+    weather_call,
+)
 
 from modelplane_sidecar.standins.gemini import GeminiStandIn
 from modelplane_sidecar.standins.openai import Behaviour
@@ -52,17 +60,7 @@ def test_request_translation_and_response(upstreams: Upstreams, serve: Serve) ->
                     {"type": "image_url", "image_url": {"url": png}},
                 ],
             },
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1__thought__c2ln",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                    }
-                ],
-            },
+            weather_call("call_1__thought__c2ln"),
             {"role": "tool", "tool_call_id": "call_1__thought__c2ln", "content": '{"t": 21}'},
             {"role": "user", "content": "Thanks"},
         ],
@@ -268,16 +266,9 @@ def test_errors(upstreams: Upstreams, serve: Serve) -> None:
 
 def test_truncated_stream_is_a_failure(upstreams: Upstreams, serve: Serve) -> None:
     gemini = GeminiStandIn("gemini", chunk_delay=0.02, default=Behaviour("cut", cut_after=3))
-    client = openai_client(_gemini(upstreams, serve(gemini), apiKey=None))
-    stream = client.chat.completions.create(
-        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
-    )
-    text = ""
-    with pytest.raises(openai.APIError) as caught:
-        for chunk in stream:
-            text += chunk.choices[0].delta.content or ""
+    text, error = read_until_failure(openai_client(_gemini(upstreams, serve(gemini), apiKey=None)))
     assert text
-    assert "failed after it started" in caught.value.message
+    assert "failed after it started" in error.message
 
 
 def test_anthropic_app_falls_back_to_gemini(upstreams: Upstreams, serve: Serve) -> None:
