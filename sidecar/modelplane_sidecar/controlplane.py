@@ -120,6 +120,9 @@ class Backoff:
 
     base_seconds: float = 0.5
     cap_seconds: float = 30.0
+    #: A stream that stayed up this long was healthy (e.g. closed by an operator leader change):
+    #: the next reconnect starts the backoff afresh even if no new config arrived on it.
+    healthy_after_seconds: float = 10.0
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.cap_seconds, self.base_seconds * 2 ** min(attempt, 30)))
@@ -202,7 +205,9 @@ class ControlPlaneClient:
         attempt = 0
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as http:
+            loop = asyncio.get_running_loop()
             while True:
+                started = loop.time()
                 try:
                     got_config = await self._stream(http)
                 except asyncio.CancelledError:
@@ -216,7 +221,9 @@ class ControlPlaneClient:
                 await self._unlink_spend()
                 self.connected.clear()
                 self._sync(SyncState.CONNECTING)
-                attempt = 0 if got_config else attempt + 1
+                lasted = loop.time() - started
+                healthy = got_config or lasted >= self._backoff.healthy_after_seconds
+                attempt = 0 if healthy else attempt + 1
                 delay = self._backoff.delay(attempt)
                 log.info("reconnecting to the control plane in %.2fs", delay)
                 await asyncio.sleep(delay)
