@@ -2,10 +2,21 @@
 
 Each detector is a precompiled regular expression plus a checksum or range check that removes the
 usual false positives (Luhn for payment cards, mod-97 for IBANs, the never-issued ranges of US
-SSNs, octet ranges for IPv4, a parser for IPv6). A detector stops at its first valid finding:
-routing needs presence, not a count. Cheap triggers (an '@', a digit, a colon) skip detectors
-that cannot match. The result never holds the sensitive values themselves, only labels, so it is
-safe to log and to return from the explain endpoint.
+SSNs, octet ranges for IPv4, a parser for IPv6). These exact patterns and checks are the
+specification: a detector fires when its pattern matches at some position of the text and the
+check accepts that match. Routing needs presence, not a count, so a detector stops at its first
+valid finding. The result never holds the sensitive values themselves, only labels, so it is safe
+to log and to return from the explain endpoint.
+
+Running a dozen backtracking patterns over a long prompt costs milliseconds (Python's engine
+tries each pattern at every position, and code, logs and JSON are dense with digits), and this
+runs on the event loop. So the text is scanned once by RE2, a linear-time automaton, for a
+*candidate* pattern per detector: a looser version of the exact one (no lookarounds, no checksum,
+ASCII word classes where looser is safe), so every exact match also starts a candidate. Only the
+detectors with a candidate are looked at further: RE2 finds their candidates' start positions and
+the exact pattern and check run there. Typical prompts have no candidate at all, and a 16 kB
+prompt costs tens of microseconds whatever it holds. `tests/routing/test_sensitivity.py` checks
+the result against the exact patterns tried at every position.
 """
 
 from __future__ import annotations
@@ -16,8 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import re2
+
 from ...config import DataClass, Detector, SensitivityPolicy
 from ...errors import ApiError
+
+# --- The exact patterns: the specification of every detector ------------------------------------
 
 _EMAIL = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
@@ -138,187 +153,290 @@ def ssn_valid(area: str, group: str, serial: str) -> bool:
     return area + group + serial not in _SSN_EXAMPLES
 
 
-# Long prompts: Python's regex engine tries a pattern at every position, so scanning 50 kB with a
-# dozen patterns would take milliseconds. Instead, fast literal searches (str.find runs in C) and
-# one pass for digit runs locate the few places where a finding could be, and the detectors'
-# patterns run only on windows around those places.
-_DIGIT_SPAN = re.compile(r"\d[\d .()/+-]{5,}\d")
-_WINDOW = 48
-#: Where a token-shaped secret can start; each pattern leads with a literal character, which the
-#: regex engine finds with a fast scan instead of trying every position.
-_SECRET_MARKERS = tuple(
-    re.compile(p)
-    for p in (
-        r"-----BEGIN",
-        r"A(?:KIA|SIA|GPA|IDA|ROA|Iza)",
-        r"g(?:h[pousr]_|ithub_pat_|lpat-)",
-        r"xox[abposr]-",
-        r"k(?:-|_live_)",
-        r"eyJ",
-    )
+# --- Exact checks at one start position -----------------------------------------------------------
+# `check(text, start)` returns FOUND when a valid finding starts at `start`, else the position from
+# which the next one may start: `start + 1` (every start is tried), or for secret assignments the
+# end of the rejected match (they never overlap, like `finditer`, so a long placeholder value is
+# read once). Python's re lets a lookbehind see the text before `pos`, so `match(text, start)` is
+# exactly "does the pattern match starting here".
+
+FOUND = 0
+
+
+def _email_at(text: str, start: int) -> int:
+    return FOUND if _EMAIL.match(text, start) else start + 1
+
+
+def _phone_at(text: str, start: int) -> int:
+    match = _PHONE.match(text, start)
+    if match is not None and 8 <= sum(c.isdigit() for c in match.group()) <= 15:
+        return FOUND
+    return start + 1
+
+
+def _card_at(text: str, start: int) -> int:
+    match = _CARD.match(text, start)
+    if match is not None:
+        digits = match.group().replace(" ", "").replace("-", "")
+        if 13 <= len(digits) <= 19 and _card_brand_prefix(digits) and luhn_valid(digits):
+            return FOUND
+    return start + 1
+
+
+def _iban_at(text: str, start: int) -> int:
+    match = _IBAN.match(text, start)
+    return FOUND if match is not None and iban_valid(match.group()) else start + 1
+
+
+def _ssn_at(text: str, start: int) -> int:
+    match = _SSN.match(text, start)
+    if match is not None:
+        area, group, serial = match.group(1, 3, 4) if match.group(1) else match.group(5, 6, 7)
+        if ssn_valid(area, group, serial):
+            return FOUND
+    return start + 1
+
+
+def _ipv4_at(text: str, start: int) -> int:
+    return FOUND if _IPV4.match(text, start) else start + 1
+
+
+def _ipv6_at(text: str, start: int) -> int:
+    match = _IPV6.match(text, start)
+    if match is not None and sum(c != ":" for c in match.group()) >= 2:
+        try:
+            ipaddress.IPv6Address(match.group())
+        except ValueError:
+            pass
+        else:
+            return FOUND
+    return start + 1
+
+
+def _secret_token_at(text: str, start: int) -> int:
+    return FOUND if _SECRET.match(text, start) else start + 1
+
+
+def _secret_assignment_at(text: str, start: int) -> int:
+    match = _SECRET_ASSIGNMENT.match(text, start)
+    if match is None:
+        return start + 1
+    value = match.group(1)
+    if _PLACEHOLDER.search(value) is None and len(set(value)) >= 5:
+        return FOUND
+    return match.end()
+
+
+# --- Candidate patterns (RE2 syntax) --------------------------------------------------------------
+# Each is a superset of its exact pattern, with one capturing group per alternative that starts
+# where the exact pattern would start. Rules that keep them supersets:
+#  * a lookbehind "not preceded by X" becomes a consumed `(?:[^X]|^)` with X's ASCII part only
+#    (RE2's classes are ASCII; a looser exclusion admits more, never fewer);
+#  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`; `\s` becomes Python's exact
+#    whitespace set; `\b` stays (RE2's ASCII `\b` holds wherever Python's does next to an ASCII
+#    letter, which is the only place these patterns use it);
+#  * lookaheads, upper bounds and checksums are dropped;
+#  * case-insensitive words spell out the letters Python also folds to "i" (U+0130, U+0131).
+
+_D = r"\p{Nd}"
+#: Python's `\s` (str.isspace), exactly.
+_S = (
+    r"[\t-\r\x1c-\x20\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
 )
-#: IPv6 needs two colons with at most four hex digits between them.
-_IPV6_MARKER = re.compile(r":[0-9A-Fa-f]{0,4}:")
-_SECRET_WORDS = ("key", "secret", "token", "passw")
-_SSN_WORDS = ("ssn", "social security")
+_I = r"[iI\x{130}\x{131}]"
 
 
-def _windows(text: str, spans: list[tuple[int, int]], before: int, after: int) -> str:
-    """The text around each span (overlaps merged), joined by blank lines."""
-    pieces: list[str] = []
-    end_prev = -1
-    start_cur = 0
-    for start, end in spans:
-        lo, hi = max(0, start - before), end + after
-        if lo <= end_prev:
-            end_prev = max(end_prev, hi)
-            continue
-        if end_prev >= 0:
-            pieces.append(text[start_cur:end_prev])
-        start_cur, end_prev = lo, hi
-    if end_prev >= 0:
-        pieces.append(text[start_cur:end_prev])
-    return "\n\n".join(pieces)
+def _fold_i(words: str) -> str:
+    return words.replace("i", _I)
 
 
-def _occurrences(text: str, needles: tuple[str, ...], limit: int = 10_000) -> list[tuple[int, int]]:
-    spans: list[tuple[int, int]] = []
-    for needle in needles:
-        at = text.find(needle)
-        while at >= 0 and len(spans) < limit:
-            spans.append((at, at + len(needle)))
-            at = text.find(needle, at + 1)
-    spans.sort()
-    return spans
+_CANDIDATE_EMAIL = (
+    r"(?:[^A-Za-z0-9_.%+-]|^)([A-Za-z0-9][A-Za-z0-9._%+-]*@"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2})"
+)
+_CANDIDATE_PHONE = (
+    # International: at least 8 digits, with at most ")", a separator and "(" between two.
+    rf"(?:[^A-Za-z0-9_+]|^)(\+{_D}(?:[ .()-]{{0,3}}{_D}){{7}})"
+    rf"|(?:[^A-Za-z0-9_.-]|^)((?:\([2-9]{_D}{{2}}\){_S}?|[2-9]{_D}{{2}}[ .-])"
+    rf"[2-9]{_D}{{2}}[ .-]{_D}{{4}})"
+    rf"|(?:[^A-Za-z0-9_.-]|^)(0{_D}{{1,4}}[ /-]{_D}{{3,4}}[ -]?{_D}{{3,4}})"
+)
+# Every issuer prefix starts with 2-6 (int() also reads other scripts' digits, hence non-ASCII).
+_CANDIDATE_CARD = rf"(?:[^{_D}-]|^)((?:[2-6]|[^\x00-\x7f])(?:[ -]?{_D}){{12}})"
+_CANDIDATE_IBAN = (
+    rf"(?:[^A-Za-z0-9]|^)((?:{'|'.join(sorted(_IBAN_LENGTHS))}){_D}{{2}}(?: ?[A-Z0-9]){{11}})"
+)
+_CANDIDATE_SSN = (
+    rf"(?:[^{_D}-]|^)({_D}{{3}}[ -]{_D}{{2}}[ -]{_D}{{4}})"
+    # The keyword form: " number" and up to 20 other non-digits, then 9 digits.
+    rf"|\b((?i:ssn|{_fold_i('social security')})[^0-9]{{0,27}}{_D}{{9}})"
+)
+_OCTET = rf"(?:25[0-5]|2[0-4]{_D}|1{_D}{_D}|[1-9]?{_D})"
+_CANDIDATE_IPV4 = rf"(?:[^{_D}.]|^)({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})"
+# A valid IPv6 address is eight full groups, or has a "::" and (the check wants two) hex digits.
+_H = "[0-9A-Fa-f]"
+_CANDIDATE_IPV6 = (
+    rf"(?:[^A-Za-z0-9_:.]|^)([0-9A-Fa-f:]*(?:::[0-9A-Fa-f:]*{_H}|{_H}[0-9A-Fa-f:]*::)"
+    rf"|{_H}{{1,4}}(?::{_H}{{1,4}}){{7}})"
+)
+_CANDIDATE_SECRET_TOKEN = (
+    r"(-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"|\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"
+    r"|\bgh[pousr]_[A-Za-z0-9]{36}"
+    r"|\bgithub_pat_[A-Za-z0-9_]{22}"
+    r"|\bglpat-[A-Za-z0-9_-]{20}"
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10}"
+    rf"|\bsk-(?:proj-|ant-(?:api{_D}{_D}-)?|svcacct-)?[A-Za-z0-9_-]{{20}}"
+    r"|\bAIza[0-9A-Za-z_-]{35}"
+    r"|\b[rs]k_live_[0-9A-Za-z]{16}"
+    r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8})"
+)
+_CANDIDATE_SECRET_ASSIGNMENT = (
+    r"\b((?i:"
+    + _fold_i(
+        r"api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd"
+        r"|client[_-]?secret|private[_-]?key"
+    )
+    + rf")\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}})"
+)
 
 
-class _Scan:
-    """One request's text plus the lazily computed places worth a closer look."""
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One exact pattern and check, with the RE2 candidate pattern that locates it."""
 
-    __slots__ = ("_digits", "_lowered", "text")
+    label: Detector
+    candidate: Any  # a compiled re2 pattern: google-re2 ships no type hints
+    check: Callable[[str, int], int]
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    # An automaton that outgrows its memory falls back to a slower one; never log per request.
+    options.log_errors = False
+    return options
+
+
+#: (label, candidate pattern, exact check); findings are reported in this order of labels.
+_SPEC: tuple[tuple[Detector, str, Callable[[str, int], int]], ...] = (
+    (Detector.SECRET, _CANDIDATE_SECRET_TOKEN, _secret_token_at),
+    (Detector.SECRET, _CANDIDATE_SECRET_ASSIGNMENT, _secret_assignment_at),
+    (Detector.EMAIL, _CANDIDATE_EMAIL, _email_at),
+    (Detector.PAYMENT_CARD, _CANDIDATE_CARD, _card_at),
+    (Detector.IBAN, _CANDIDATE_IBAN, _iban_at),
+    (Detector.US_SSN, _CANDIDATE_SSN, _ssn_at),
+    (Detector.PHONE, _CANDIDATE_PHONE, _phone_at),
+    (Detector.IP_ADDRESS, _CANDIDATE_IPV4, _ipv4_at),
+    (Detector.IP_ADDRESS, _CANDIDATE_IPV6, _ipv6_at),
+)
+_KINDS = tuple(
+    _Kind(label, re2.compile(pattern.encode(), _re2_options()), check)
+    for label, pattern, check in _SPEC
+)
+_LABELS = tuple(dict.fromkeys(label for label, _, _ in _SPEC))
+
+
+def _candidate_set() -> Any:
+    """One RE2 pass that answers "which kinds have a candidate anywhere?"."""
+    # RE2's many-match DFA does not give up when its cache fills (it resets and goes on), so a
+    # text crafted to blow up the automaton is scanned more slowly, never skipped.
+    candidates = re2.Set.SearchSet(_re2_options())
+    for _, pattern, _ in _SPEC:
+        candidates.Add(pattern.encode())
+    candidates.Compile()
+    return candidates
+
+
+_CANDIDATES = _candidate_set()
+
+
+class _Utf8Text:
+    """A text and its UTF-8 bytes, with offsets mapped between the two (RE2 works on bytes)."""
+
+    __slots__ = ("_byte", "_char", "ascii", "encoded", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self._digits: str | None = None
-        self._lowered: str | None = None
+        self.ascii = text.isascii()
+        # A lone surrogate (only possible from a JSON escape) becomes one "?": still one character.
+        self.encoded = text.encode("utf-8", "replace")
+        # One cursor moving forward; each kind's offsets increase, so a scan decodes its text once.
+        self._byte = 0
+        self._char = 0
 
-    @property
-    def digits(self) -> str:
-        """Windows around each run of 7+ digits and separators (phones, cards, IBANs, SSNs, IPs)."""
-        if self._digits is None:
-            spans = [m.span() for m in _DIGIT_SPAN.finditer(self.text)]
-            self._digits = _windows(self.text, spans, _WINDOW, _WINDOW) if spans else ""
-        return self._digits
+    def char_offset(self, byte_offset: int) -> int:
+        if self.ascii:
+            return byte_offset
+        if byte_offset < self._byte:
+            self._byte = self._char = 0
+        self._char += len(self.encoded[self._byte : byte_offset].decode("utf-8"))
+        self._byte = byte_offset
+        return self._char
 
-    @property
-    def lowered(self) -> str:
-        if self._lowered is None:
-            self._lowered = self.text.lower()
-        return self._lowered
-
-    def around(self, needles: tuple[str, ...], lowered: bool = False, width: int = 120) -> str:
-        spans = _occurrences(self.lowered if lowered else self.text, needles)
-        return _windows(self.text, spans, width, width) if spans else ""
-
-    def around_matches(self, patterns: tuple[re.Pattern[str], ...], width: int) -> str:
-        spans = sorted(m.span() for p in patterns for m in p.finditer(self.text))
-        return _windows(self.text, spans, width, width) if spans else ""
-
-
-def _has_email(scan: _Scan) -> bool:
-    near = scan.around(("@",), width=80)
-    return bool(near) and _EMAIL.search(near) is not None
+    def byte_offset(self, char_offset: int) -> int:
+        if self.ascii:
+            return char_offset
+        if char_offset < self._char:
+            self._byte = self._char = 0
+        self._byte += len(self.text[self._char : char_offset].encode("utf-8", "replace"))
+        self._char = char_offset
+        return self._byte
 
 
-def _has_phone(scan: _Scan) -> bool:
-    for match in _PHONE.finditer(scan.digits):
-        digits = sum(c.isdigit() for c in match.group())
-        if 8 <= digits <= 15:
-            return True
-    return False
-
-
-def _has_card(scan: _Scan) -> bool:
-    for match in _CARD.finditer(scan.digits):
-        digits = match.group().replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and _card_brand_prefix(digits) and luhn_valid(digits):
-            return True
-    return False
-
-
-def _has_iban(scan: _Scan) -> bool:
-    return any(iban_valid(m.group()) for m in _IBAN.finditer(scan.digits))
-
-
-def _ssn_in(text: str) -> bool:
-    for match in _SSN.finditer(text):
-        if match.group(1) is not None:
-            area, group, serial = match.group(1), match.group(3), match.group(4)
-        else:
-            area, group, serial = match.group(5), match.group(6), match.group(7)
-        if ssn_valid(area, group, serial):
-            return True
-    return False
-
-
-def _has_ssn(scan: _Scan) -> bool:
-    digits = scan.digits
-    if not digits:
-        return False
-    return _ssn_in(digits) or _ssn_in(scan.around(_SSN_WORDS, lowered=True, width=40))
-
-
-def _has_ip(scan: _Scan) -> bool:
-    digits = scan.digits
-    if digits and _IPV4.search(digits) is not None:
-        return True
-    near = scan.around_matches((_IPV6_MARKER,), width=40)
-    for match in _IPV6.finditer(near):
-        candidate = match.group()
-        if sum(c != ":" for c in candidate) < 2:
+def _found(kind: _Kind, scan: _Utf8Text) -> bool:
+    """Run the exact check at the candidates of `kind`, in order, until one holds."""
+    candidate = kind.candidate
+    pos = 0
+    last = -1
+    while True:
+        match = candidate.search(scan.encoded, pos)
+        if match is None:
+            return False
+        start = int(match.start(int(match.lastindex)))
+        if start <= last:
+            # The same candidate again (one without a lead-in character): look past it.
+            pos = last + 1
             continue
-        try:
-            ipaddress.IPv6Address(candidate)
-        except ValueError:
-            continue
-        return True
-    return False
-
-
-def _has_secret(scan: _Scan) -> bool:
-    near = scan.around_matches(_SECRET_MARKERS, width=300)
-    if near and _SECRET.search(near) is not None:
-        return True
-    lowered = scan.lowered
-    if not any(word in lowered for word in _SECRET_WORDS):
-        return False
-    for match in _SECRET_ASSIGNMENT.finditer(scan.around(_SECRET_WORDS, lowered=True, width=40)):
-        value = match.group(1)
-        if _PLACEHOLDER.search(value) is None and len(set(value)) >= 5:
+        resume = kind.check(scan.text, scan.char_offset(start))
+        if resume == FOUND:
             return True
-    return False
-
-
-#: (detector, check) in the order findings are reported in.
-DETECTORS: tuple[tuple[Detector, Callable[[_Scan], bool]], ...] = (
-    (Detector.SECRET, _has_secret),
-    (Detector.EMAIL, _has_email),
-    (Detector.PAYMENT_CARD, _has_card),
-    (Detector.IBAN, _has_iban),
-    (Detector.US_SSN, _has_ssn),
-    (Detector.PHONE, _has_phone),
-    (Detector.IP_ADDRESS, _has_ip),
-)
+        # Search on from the character before `resume`: it may be the next candidate's lead-in.
+        last = start
+        pos = max(start, scan.byte_offset(resume - 1))
 
 
 def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Detector]:
     """Labels of every enabled detector with a valid finding in `text`."""
-    scan = _Scan(text)
-    return [
-        detector
-        for detector, check in DETECTORS
-        if (enabled is None or detector in enabled) and check(scan)
-    ]
+    if not text:
+        return []
+    scan = _Utf8Text(text)
+    flagged = _CANDIDATES.Match(scan.encoded)
+    if not flagged:
+        return []
+    found: set[Detector] = set()
+    for index in sorted(flagged):
+        kind = _KINDS[index]
+        if kind.label in found or (enabled is not None and kind.label not in enabled):
+            continue
+        if _found(kind, scan):
+            found.add(kind.label)
+    return [label for label in _LABELS if label in found]
+
+
+def reference_detect(text: str) -> list[Detector]:
+    """The specification, slowly: each exact check at every start position (no RE2, no shortcut).
+
+    `detect` must give the same labels for every text; the tests compare the two.
+    """
+    found: set[Detector] = set()
+    for label, _, check in _SPEC:
+        start = 0
+        while label not in found and start < len(text):
+            resume = check(text, start)
+            if resume == FOUND:
+                found.add(label)
+            start = resume
+    return [label for label in _LABELS if label in found]
 
 
 @dataclass(slots=True, frozen=True)
