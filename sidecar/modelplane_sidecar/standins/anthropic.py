@@ -39,8 +39,7 @@ from anthropic.types.raw_message_delta_event import Delta
 from pydantic import BaseModel
 
 from .conformance import problems
-from .openai import Behaviour
-from .scripted import ScriptedStandIn, cut_here, drop_connection, json_error
+from .scripted import Behaviour, ScriptedStandIn, cut_here, drop_connection, json_error
 
 _ERROR_TYPES = {
     400: "invalid_request_error",

@@ -27,8 +27,7 @@ from botocore.validate import ParamValidator
 
 from ..providers.base import AwsCredentials
 from ..providers.eventstream import encode_message
-from .openai import Behaviour
-from .scripted import ScriptedStandIn, cut_here, drop_connection
+from .scripted import Behaviour, ScriptedStandIn, cut_here, drop_connection
 
 _ERROR_TYPES = {
     400: "ValidationException",

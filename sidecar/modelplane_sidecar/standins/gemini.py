@@ -21,8 +21,7 @@ from aiohttp import web
 from google.genai import types
 from pydantic import BaseModel, ValidationError
 
-from .openai import Behaviour
-from .scripted import ScriptedStandIn, cut_here, drop_connection, json_error
+from .scripted import Behaviour, ScriptedStandIn, cut_here, drop_connection, json_error
 
 _STATUS = {
     400: "INVALID_ARGUMENT",

@@ -11,13 +11,24 @@ import asyncio
 import base64
 import struct
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .scripted import (
+    Behaviour,
+    Received,
+    ScriptedStandIn,
+    cut_here,
+    drop_connection,
+    json_error,
+    retry_after,
+)
+
+__all__ = ["Behaviour", "OpenAIStandIn", "Received"]
 
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -32,50 +43,11 @@ _ERROR_TYPES = {
 
 
 @dataclass
-class Behaviour:
-    """What the stand-in does with one request.
-
-    kind: "ok", "status" (answer `status` with an OpenAI error body), "hang" (never answer),
-    "reset" (drop the connection before answering), "cut" (stream `cut_after` chunks, then drop
-    the connection), "stream-error" (stream `cut_after` chunks, then an error event).
-    """
-
-    kind: str = "ok"
-    status: int = 500
-    message: str | None = None
-    code: str | None = None
-    retry_after: str | None = None
-    cut_after: int = 2
-    delay: float = 0.0
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-@dataclass
-class OpenAIStandIn:
+class OpenAIStandIn(ScriptedStandIn):
     """Behaviour script and request log of one stand-in server."""
 
-    name: str
-    reply: str = "Hello! This is a canned answer from a local stand-in model."
-    api_key: str | None = None
-    default: Behaviour = field(default_factory=Behaviour)
-    script: deque[Behaviour] = field(default_factory=deque)
-    received: list[Received] = field(default_factory=list)
-    chunk_delay: float = 0.0
     #: Requests whose connection the caller dropped before the stand-in finished answering.
     cancelled: int = 0
-
-    def then(self, *behaviours: Behaviour) -> OpenAIStandIn:
-        self.script.extend(behaviours)
-        return self
-
-    def next_behaviour(self) -> Behaviour:
-        return self.script.popleft() if self.script else self.default
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._count_cancelled])
@@ -97,38 +69,45 @@ class OpenAIStandIn:
             self.cancelled += 1
             raise
 
+    def auth_error(self, request: web.Request, raw: bytes) -> web.HTTPException | None:
+        if self.api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if given == f"Bearer {self.api_key}":
+            return None
+        shown = given.removeprefix("Bearer ")
+        masked = f"{shown[:3]}***{shown[-4:]}" if len(shown) > 8 else "***"
+        return self.error(
+            401,
+            f"Incorrect API key provided: {masked}. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+        )
+
+    def error(
+        self, status: int, message: str | None = None, headers: dict[str, str] | None = None
+    ) -> web.HTTPException:
+        return _error(status, message, None, headers)
+
+    def scripted_error(self, behaviour: Behaviour) -> web.HTTPException:
+        return _error(behaviour.status, behaviour.message, behaviour.code, retry_after(behaviour))
+
     async def _prelude(self, request: web.Request) -> tuple[dict[str, Any], Behaviour]:
-        body = orjson.loads(await request.read())
+        # Unlike `prelude`, the log keeps the path without its query (Azure's api-version), and
+        # the body is not checked: the stand-in has always answered a broken one with a bare 500.
+        raw = await request.read()
+        body = orjson.loads(raw)
         self.received.append(Received(request.path, dict(request.headers), body))
-        if self.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {self.api_key}":
-                shown = given.removeprefix("Bearer ")
-                masked = f"{shown[:3]}***{shown[-4:]}" if len(shown) > 8 else "***"
-                raise _error(
-                    401,
-                    f"Incorrect API key provided: {masked}. You can find your API key at "
-                    "https://platform.openai.com/account/api-keys.",
-                )
-        behaviour = self.next_behaviour()
-        if behaviour.delay:
-            await asyncio.sleep(behaviour.delay)
-        if behaviour.kind == "status":
-            headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else None
-            raise _error(behaviour.status, behaviour.message, behaviour.code, headers)
-        if behaviour.kind == "hang":
-            await asyncio.sleep(3600)
-        if behaviour.kind == "reset":
-            _drop_connection(request)
-            raise web.HTTPInternalServerError()
-        return body, behaviour
+        denied = self.auth_error(request, raw)
+        if denied is not None:
+            raise denied
+        return body, await self.act_out(request)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, behaviour = await self._prelude(request)
         model = str(body.get("model"))
         prompt_tokens = _count_prompt_tokens(body.get("messages"))
-        text = f"[{self.name}] {self.reply}"
-        words = _split_words(text)
+        text = self.text
+        words = self.words()
         if body.get("stream"):
             return await self._stream(request, body, behaviour, model, prompt_tokens, words, True)
         return _json(
@@ -155,8 +134,8 @@ class OpenAIStandIn:
         model = str(body.get("model"))
         prompt = body.get("prompt")
         prompt_tokens = max(1, len(str(prompt)) // 4)
-        text = f"[{self.name}] {self.reply}"
-        words = _split_words(text)
+        text = self.text
+        words = self.words()
         if body.get("stream"):
             return await self._stream(request, body, behaviour, model, prompt_tokens, words, False)
         return _json(
@@ -265,9 +244,9 @@ class OpenAIStandIn:
         frames += [chunk(w, None) for w in words]
         frames.append(chunk(None, "stop"))
         for index, frame in enumerate(frames):
-            if behaviour.kind in ("cut", "stream-error") and index == behaviour.cut_after:
+            if cut_here(behaviour, index):
                 if behaviour.kind == "cut":
-                    _drop_connection(request)
+                    drop_connection(request)
                     return response
                 error = {
                     "error": {
@@ -280,8 +259,7 @@ class OpenAIStandIn:
                 await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
                 return response
             await response.write(frame)
-            if self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
+            await self.pace()
         if include_usage:
             usage_chunk: dict[str, Any] = {
                 "id": ident,
@@ -297,12 +275,6 @@ class OpenAIStandIn:
         return response
 
 
-def _drop_connection(request: web.Request) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
 def _error(
     status: int,
     message: str | None = None,
@@ -316,21 +288,8 @@ def _error(
             500: "The server had an error while processing your request. Sorry about that!",
             503: "The engine is currently overloaded, please try again later",
         }.get(status, f"Stand-in error {status}")
-    body = orjson.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": err_type,
-                "param": None,
-                "code": code or default_code,
-            }
-        }
-    )
-    exc = web.HTTPException(headers=headers)
-    exc.set_status(status)
-    exc.body = body
-    exc.content_type = "application/json"
-    return exc
+    error = {"message": message, "type": err_type, "param": None, "code": code or default_code}
+    return json_error(status, {"error": error}, headers)
 
 
 def _json(data: object) -> web.Response:
@@ -358,11 +317,6 @@ def _count_prompt_tokens(messages: object) -> int:
             content = message.get("content")
             chars += len(content) if isinstance(content, str) else len(orjson.dumps(content))
     return max(1, chars // 4)
-
-
-def _split_words(text: str) -> list[str]:
-    words = text.split(" ")
-    return [w if i == 0 else " " + w for i, w in enumerate(words)]
 
 
 def _fake_embedding(text: str, dims: int = 8) -> list[float]:

@@ -1,9 +1,8 @@
-"""What every non-OpenAI stand-in shares: a behaviour script, a request log and misbehaviour.
+"""What every stand-in shares: a behaviour script, a request log and misbehaviour.
 
 Each provider's stand-in subclasses `ScriptedStandIn` and supplies its own routes, its own way of
 checking credentials and its own error body; the script (`then(...)`) decides per request whether
-it answers normally, with an error status, hangs, drops the connection or cuts its stream, using
-the same `Behaviour` as the OpenAI stand-in.
+it answers normally, with an error status, hangs, drops the connection or cuts its stream.
 """
 
 from __future__ import annotations
@@ -11,12 +10,36 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from aiohttp import web
 
-from .openai import Behaviour, Received
+
+@dataclass
+class Behaviour:
+    """What the stand-in does with one request.
+
+    kind: "ok", "status" (answer `status` with the provider's error body), "hang" (never answer),
+    "reset" (drop the connection before answering), "cut" (stream `cut_after` chunks, then drop
+    the connection), "stream-error" (stream `cut_after` chunks, then an error event); stand-ins
+    of providers with tools also know "tool" (answer with a tool call).
+    """
+
+    kind: str = "ok"
+    status: int = 500
+    message: str | None = None
+    code: str | None = None
+    retry_after: str | None = None
+    cut_after: int = 2
+    delay: float = 0.0
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
 
 
 @dataclass
@@ -31,7 +54,7 @@ class ScriptedStandIn:
     #: Arguments of the tool call answered by `Behaviour(kind="tool")`.
     tool_input: dict[str, Any] = field(default_factory=lambda: {"city": "Paris"})
 
-    def then(self, *behaviours: Behaviour) -> ScriptedStandIn:
+    def then(self, *behaviours: Behaviour) -> Self:
         self.script.extend(behaviours)
         return self
 
@@ -58,6 +81,10 @@ class ScriptedStandIn:
         """The provider's error response for `status`."""
         raise NotImplementedError
 
+    def scripted_error(self, behaviour: Behaviour) -> web.HTTPException:
+        """The error response a `Behaviour(kind="status")` asks for."""
+        return self.error(behaviour.status, behaviour.message, retry_after(behaviour))
+
     # -- shared request handling ------------------------------------------------------------
 
     async def prelude(self, request: web.Request) -> tuple[dict[str, Any], Behaviour]:
@@ -73,22 +100,31 @@ class ScriptedStandIn:
         denied = self.auth_error(request, raw)
         if denied is not None:
             raise denied
+        return body, await self.act_out(request)
+
+    async def act_out(self, request: web.Request) -> Behaviour:
+        """The script's next behaviour, after doing what it says happens before an answer: a
+        delay, an error status, a hang or a dropped connection."""
         behaviour = self.next_behaviour()
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
         if behaviour.kind == "status":
-            headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else None
-            raise self.error(behaviour.status, behaviour.message, headers)
+            raise self.scripted_error(behaviour)
         if behaviour.kind == "hang":
             await asyncio.sleep(3600)
         if behaviour.kind == "reset":
             drop_connection(request)
             raise web.HTTPInternalServerError()
-        return body, behaviour
+        return behaviour
 
     async def pace(self) -> None:
         if self.chunk_delay:
             await asyncio.sleep(self.chunk_delay)
+
+
+def retry_after(behaviour: Behaviour) -> dict[str, str] | None:
+    """The Retry-After header a scripted error carries, if any."""
+    return {"retry-after": behaviour.retry_after} if behaviour.retry_after else None
 
 
 def drop_connection(request: web.Request) -> None:
