@@ -39,7 +39,14 @@ from anthropic.types.raw_message_delta_event import Delta
 from pydantic import BaseModel
 
 from .conformance import problems
-from .scripted import Behaviour, ScriptedStandIn, cut_here, drop_connection, json_error
+from .scripted import (
+    Behaviour,
+    ScriptedStandIn,
+    cut_here,
+    drop_connection,
+    json_error,
+    open_sse,
+)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -137,13 +144,7 @@ class AnthropicStandIn(ScriptedStandIn):
     async def _stream(
         self, request: web.Request, behaviour: Behaviour, message: Message
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "content-type": "text/event-stream; charset=utf-8",
-                "cache-control": "no-cache",
-            }
-        )
-        await response.prepare(request)
+        response = await open_sse(request)
         start = message.model_copy(
             update={
                 "content": [],

@@ -25,6 +25,7 @@ from .scripted import (
     cut_here,
     drop_connection,
     json_error,
+    open_sse,
     retry_after,
 )
 
@@ -192,13 +193,7 @@ class OpenAIStandIn(ScriptedStandIn):
         words: list[str],
         chat: bool,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "content-type": "text/event-stream; charset=utf-8",
-                "cache-control": "no-cache",
-            }
-        )
-        await response.prepare(request)
+        response = await open_sse(request)
         await self._stream_prelude(response)
         ident = _new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())

@@ -122,6 +122,15 @@ class ScriptedStandIn:
             await asyncio.sleep(self.chunk_delay)
 
 
+async def open_sse(request: web.Request) -> web.StreamResponse:
+    """A prepared `text/event-stream` response, the way OpenAI and Anthropic start streams."""
+    response = web.StreamResponse(
+        headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+    )
+    await response.prepare(request)
+    return response
+
+
 def retry_after(behaviour: Behaviour) -> dict[str, str] | None:
     """The Retry-After header a scripted error carries, if any."""
     return {"retry-after": behaviour.retry_after} if behaviour.retry_after else None
