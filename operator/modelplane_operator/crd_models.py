@@ -702,11 +702,29 @@ class SpendLease(_Spec):
 
     holder: str = Field(max_length=128)
     """The sidecar process (pod name and a per-process id)."""
+    book: str | None = Field(default=None, max_length=64)
+    """Nonce of this entry; the sidecar names it in its reports, so reports of an entry that
+    was pruned are recognised and never counted twice."""
     granted_usd: float = Field(default=0.0, alias="grantedUSD")
     settled_usd: float = Field(default=0.0, alias="settledUSD")
     returned_usd: float = Field(default=0.0, alias="returnedUSD")
     connected: bool = False
+    confirmed: bool = False
+    """The sidecar has named the book in a report (the entry can be pruned once idle)."""
+    disconnected_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     endpoints: list[EndpointSpend] = Field(default_factory=list, max_length=256)
+
+
+class PrunedLeases(_Spec):
+    """Leases of disconnected sidecar processes folded out of `leases` (cumulative amounts)."""
+
+    holders: int = 0
+    """How many were folded in this period."""
+    granted_usd: float = Field(default=0.0, alias="grantedUSD")
+    settled_usd: float = Field(default=0.0, alias="settledUSD")
+    returned_usd: float = Field(default=0.0, alias="returnedUSD")
+    leased_usd: float = Field(default=0.0, alias="leasedUSD")
+    """Their leases still outstanding when folded: counted in leasedUSD until the period ends."""
 
 
 class ReplicaCounts(_Spec):
@@ -748,6 +766,8 @@ class BudgetStatus(ResourceStatus):
     endpoints: list[EndpointSpend] = Field(default_factory=list, max_length=256)
     """Spend and tokens per endpoint in the current period."""
     leases: list[SpendLease] = Field(default_factory=list, max_length=4096)
+    """One per sidecar process of the period; idle ones are folded into `pruned`."""
+    pruned: PrunedLeases | None = None
 
 
 # --- The kinds ---------------------------------------------------------------------------------

@@ -197,6 +197,9 @@ class Lease:
     budget: str
     #: The period as the operator names it; None until the operator has said.
     epoch: str | None = None
+    #: The operator's nonce for this process's entry in the budget's books; None until told.
+    #: Reports name it, so the operator recognises reports of an entry it has since pruned.
+    book: str | None = None
     granted: float = 0.0
     settled: float = 0.0
     returned: float = 0.0
@@ -224,6 +227,7 @@ class Lease:
         data: dict[str, Any] = {
             "budget": self.budget,
             "epoch": self.epoch,
+            **({"book": self.book} if self.book is not None else {}),
             "grantedUSD": round(self.granted, 12),
             "settledUSD": round(self.settled, 12),
             "returnedUSD": round(self.returned, 12),
@@ -305,7 +309,7 @@ class SpendTracker:
     def on_lease(self, message: Mapping[str, Any]) -> None:
         """A lease message from the operator: grants, period changes, recalls."""
         ack = message.get("ack")
-        recall = False
+        report = False
         for item in message.get("budgets") or []:
             if not isinstance(item, dict) or not isinstance(item.get("budget"), str):
                 continue
@@ -315,9 +319,19 @@ class SpendTracker:
                 if lease.epoch is not None:
                     # A new period: the old lease is void; calls in flight settle into it and
                     # are not reported (the operator closed that period).
-                    lease = self._leases[lease.budget] = Lease(lease.budget, epoch=epoch)
+                    lease = self._renew(lease, Lease(lease.budget, epoch=epoch))
                 else:
                     lease.epoch = epoch
+            book = item.get("book")
+            if isinstance(book, str) and book != lease.book:
+                if lease.book is not None:
+                    # The operator pruned our entry while we were away: what it counted there
+                    # stays counted, the rest is void, and the new entry starts from zero (calls
+                    # in flight settle into the old lease, unreported), as in a new period.
+                    lease = self._renew(lease, Lease(lease.budget, epoch=lease.epoch, book=book))
+                else:
+                    lease.book = book
+                report = True  # at once under the book, so the operator knows we know it
             granted = item.get("grantedUSD")
             if isinstance(granted, int | float) and granted > lease.granted:
                 lease.last_grant = float(granted) - lease.granted
@@ -335,14 +349,21 @@ class SpendTracker:
                 # because what is here is too little for them, and slivers kept by many
                 # sidecars would starve a call that the budget as a whole could still pay.
                 lease.returned += lease.available
-                recall = True
+                report = True
             lease.changed.set()
         recall_id = message.get("recallId")
         if isinstance(recall_id, int) and recall_id > self._recalled:
             self._recalled = recall_id
-            recall = True
-        if recall:
+            report = True
+        if report:
             self._report()
+
+    def _renew(self, old: Lease, new: Lease) -> Lease:
+        """Put a new lease in place of `old`; calls waiting for an answer on it move over."""
+        old.answered = max(old.answered, old.asked)
+        old.changed.set()
+        self._leases[old.budget] = new
+        return new
 
     def flush(self, now: float | None = None) -> None:
         """Periodic: report settled spend, and give back leases nobody used for a while."""

@@ -156,7 +156,7 @@ def test_spent_plus_outstanding_never_passes_the_cap(
         elif action == "return":
             books[holder][2] = returned + max(0.0, got - settled - returned)
         else:
-            ledger.disconnect(holder)
+            ledger.disconnect(holder, NOW)
         got, settled, returned = books[holder]
         ledger.report(holder, report(ledger, settled, returned))
         assert ledger.spent + ledger.leased <= 20.0 + 1e-9
@@ -191,7 +191,7 @@ def test_a_disconnected_holder_keeps_its_lease_counted_until_it_reports() -> Non
     ledger = BudgetLedger("b", BLOCKING, NOW)
     ledger.connect("a")
     ledger.grant("a", 4.0)
-    ledger.disconnect("a")
+    ledger.disconnect("a", NOW)
     assert ledger.leased == pytest.approx(4.0)
     assert ledger.remaining == pytest.approx(96.0)
     # It comes back: settled 1, gives back the rest.

@@ -7,7 +7,11 @@ status (which lists every holder's cumulative amounts) is written to the API ser
 grant is sent, so a restarted operator can never hand out money an earlier one already granted.
 Settled spend is written at most once a second. When a request cannot be granted because other
 sidecars hold idle leases, those are recalled (they return what they do not need) before the
-answer is given. Period rollovers start new ledgers and tell every sidecar.
+answer is given. Period rollovers start new ledgers and tell every sidecar. Every second, holders
+disconnected past a grace period are pruned from the ledgers (ledger.py says why that is safe),
+so a Budget's status lists the sidecar processes of the period that still matter, not all of them.
+Holder books are written ahead like grants: a lease message names a holder's book only once a
+status holding it is stored.
 
 The controller owns the Budget objects: it calls `sync()` on every reconcile, asks `status()` for
 the ledger's part of each Budget's status, and is told through the callbacks when a status write
@@ -32,7 +36,15 @@ from modelplane_sidecar.config import BudgetMode
 from modelplane_sidecar.spend import LEASE, EndpointUsage
 
 from ..crd_models import BudgetSpec
-from .ledger import EPSILON, BudgetLedger, Report, Terms, Threshold
+from .ledger import (
+    EPSILON,
+    PRUNE_GRACE_SECONDS,
+    PRUNE_SOFT_LIMIT,
+    BudgetLedger,
+    Report,
+    Terms,
+    Threshold,
+)
 from .period import epoch
 
 log = logging.getLogger("modelplane.operator.budget")
@@ -155,6 +167,18 @@ class BudgetMetrics:
             [*labels, "endpoint", "direction"],
             registry=r,
         )
+        self.holders = Gauge(
+            "modelplane_operator_budget_lease_holders",
+            "Sidecar processes listed in the budget's status.leases (pruned ones are not).",
+            labels,
+            registry=r,
+        )
+        self.pruned = Gauge(
+            "modelplane_operator_budget_pruned_holders",
+            "Sidecar processes of the current period folded out of status.leases.",
+            labels,
+            registry=r,
+        )
 
     def update(self, namespace: str, ledger: BudgetLedger) -> None:
         key = (namespace, ledger.name)
@@ -162,6 +186,8 @@ class BudgetMetrics:
         self.spent.labels(*key).set(ledger.spent)
         self.leased.labels(*key).set(ledger.leased)
         self.remaining.labels(*key).set(ledger.remaining)
+        self.holders.labels(*key).set(len(ledger.holders))
+        self.pruned.labels(*key).set(ledger.pruned.holders)
         passed = set(ledger.reached())
         for t in ledger.terms.thresholds:
             self.threshold.labels(*key, str(t.percent), t.action.value).set(1 if t in passed else 0)
@@ -174,7 +200,14 @@ class BudgetMetrics:
 
     def forget(self, namespace: str, ledger: BudgetLedger) -> None:
         key = (namespace, ledger.name)
-        for gauge in (self.limit, self.spent, self.leased, self.remaining):
+        for gauge in (
+            self.limit,
+            self.spent,
+            self.leased,
+            self.remaining,
+            self.holders,
+            self.pruned,
+        ):
             gauge.remove(*key)
         for t in ledger.terms.thresholds:
             self.threshold.remove(*key, str(t.percent), t.action.value)
@@ -195,6 +228,8 @@ class BudgetService:
         metrics: BudgetMetrics | None = None,
         recall_wait_seconds: float = RECALL_WAIT_SECONDS,
         status_interval_seconds: float = STATUS_INTERVAL_SECONDS,
+        prune_grace_seconds: float = PRUNE_GRACE_SECONDS,
+        prune_soft_limit: int = PRUNE_SOFT_LIMIT,
     ) -> None:
         #: Writes the Budget's status (namespace, name); the controller's.
         self.persist = persist
@@ -204,6 +239,8 @@ class BudgetService:
         self._clock = clock
         self._recall_wait = recall_wait_seconds
         self._status_interval = status_interval_seconds
+        self._prune_grace = prune_grace_seconds
+        self._prune_soft_limit = prune_soft_limit
         self._ledgers: dict[str, dict[str, BudgetLedger]] = {}
         self._sessions: dict[str, set[SpendSession]] = {}
         self._writers: dict[tuple[str, str], _Writer] = {}
@@ -237,7 +274,7 @@ class BudgetService:
                 ledger = books.get(name)
                 if ledger is None:
                     ledger = BudgetLedger(name, terms, now)
-                    if ledger.restore(body.get("status") or {}):
+                    if ledger.restore(body.get("status") or {}, now):
                         log.info(
                             "budget %s/%s: restored %.6f USD spent and %d leases of period %s",
                             namespace,
@@ -273,10 +310,19 @@ class BudgetService:
     # --- the stream ------------------------------------------------------------------------
 
     async def connect(self, session: SpendSession) -> None:
-        """A sidecar that speaks the spend protocol connected: tell it every budget's period."""
+        """A sidecar that speaks the spend protocol connected: tell it every budget's period,
+        and its book in each (written to status first, when the entry is new)."""
         self._sessions.setdefault(session.namespace, set()).add(session)
-        for ledger in self._ledgers.get(session.namespace, {}).values():
+        books = self._ledgers.get(session.namespace, {})
+        for ledger in books.values():
             ledger.connect(session.holder)
+        new = [name for name, ledger in books.items() if not ledger.holders[session.holder].written]
+        if new:
+            try:
+                await self._persist_all(session.namespace, sorted(new))
+            except Exception as exc:  # greeted without a book; the ticker writes and sends it
+                log.warning("status of %s not written for a new holder: %s", session.namespace, exc)
+                self._dirty.update((session.namespace, name) for name in new)
         # No grant amounts yet: the sidecar's resync (already on its way) says what it holds,
         # and the books follow it; an amount sent now could be one it never received.
         await self._send(session, None, {}, grants=False)
@@ -285,8 +331,9 @@ class BudgetService:
         sessions = self._sessions.get(session.namespace)
         if sessions is not None:
             sessions.discard(session)
+        now = self._clock()
         for name, ledger in self._ledgers.get(session.namespace, {}).items():
-            ledger.disconnect(session.holder)
+            ledger.disconnect(session.holder, now)
             self._dirty.add((session.namespace, name))
         self._parked = [p for p in self._parked if p.session is not session]
 
@@ -365,6 +412,7 @@ class BudgetService:
     ) -> None:
         epoch = item.get("epoch")
         endpoints = item.get("endpoints")
+        book = item.get("book")
         report = Report(
             epoch=epoch if isinstance(epoch, str) else ledger.epoch,
             settled=_money(item.get("settledUSD")),
@@ -376,6 +424,7 @@ class BudgetService:
                 if isinstance(totals, dict)
             },
             resync=resync,
+            book=book if isinstance(book, str) else None,
         )
         mode_before = ledger.mode()
         passed = ledger.report(session.holder, report)
@@ -484,6 +533,8 @@ class BudgetService:
             }
             if not grants:
                 del item["grantedUSD"]
+            if holder is not None and holder.written:
+                item["book"] = holder.book
             if tier is not None:
                 item["tier"] = tier.value
             if exhausted.get(name):
@@ -501,17 +552,26 @@ class BudgetService:
         except (ConnectionError, RuntimeError) as exc:
             log.info("lease message to %s failed: %s", session.holder, exc)
 
-    async def _persist_all(self, namespace: str, names: Iterable[str]) -> None:
-        """Write these Budgets' status now (grants are sent only after this returns)."""
-        if self.persist is None:
-            return
+    async def _persist_all(self, namespace: str, names: Iterable[str]) -> set[str]:
+        """Write these Budgets' status now (grants are sent only after this returns).
+
+        Returns the holders whose book this made known to the apiserver (and so sendable).
+        """
+        newly: set[str] = set()
         for name in names:
             key = (namespace, name)
-            writer = self._writers.get(key)
-            if writer is None:
-                writer = self._writers[key] = _Writer(self._write_call(namespace, name))
-            self._dirty.discard(key)
-            await writer.flush()
+            ledger = self.ledger(namespace, name)
+            unwritten = [h for h in ledger.holders.values() if not h.written] if ledger else []
+            if self.persist is not None:
+                writer = self._writers.get(key)
+                if writer is None:
+                    writer = self._writers[key] = _Writer(self._write_call(namespace, name))
+                self._dirty.discard(key)
+                await writer.flush()  # a write that started after this call: it holds them
+            for holder in unwritten:
+                holder.written = True
+                newly.add(holder.id)
+        return newly
 
     def _write_call(self, namespace: str, name: str) -> Callable[[], Awaitable[None]]:
         async def write() -> None:
@@ -540,7 +600,8 @@ class BudgetService:
                 log.exception("budget tick failed")
 
     async def tick(self) -> None:
-        """Roll periods over, and write the status of budgets whose books changed."""
+        """Roll periods over, prune idle holders, and write the status of budgets whose books
+        changed (then tell sidecars the books that write made sendable)."""
         now = self._clock()
         for namespace, books in list(self._ledgers.items()):
             rolled = [ledger for ledger in books.values() if ledger.rollover(now)]
@@ -553,15 +614,33 @@ class BudgetService:
                     self.mode_changed(namespace)
                 for session in list(self._sessions.get(namespace, ())):
                     await self._send(session, None, {})
+            for ledger in books.values():
+                folded = ledger.prune(now, self._prune_grace, self._prune_soft_limit)
+                if folded:
+                    log.info(
+                        "budget %s/%s: %d disconnected holders folded (%d in this period)",
+                        namespace,
+                        ledger.name,
+                        folded,
+                        ledger.pruned.holders,
+                    )
+                    self._dirty.add((namespace, ledger.name))
+                    self.metrics.update(namespace, ledger)
         dirty, self._dirty = sorted(self._dirty), set()
+        told: dict[str, set[str]] = {}
         for namespace, name in dirty:
             if self.ledger(namespace, name) is None:
                 continue
             try:
-                await self._persist_all(namespace, [name])
+                told.setdefault(namespace, set()).update(await self._persist_all(namespace, [name]))
             except Exception as exc:  # kept dirty: the next tick writes again
                 log.warning("status of budget %s/%s not written: %s", namespace, name, exc)
                 self._dirty.add((namespace, name))
+        for namespace, holders in sorted(told.items()):
+            for session in list(self._sessions.get(namespace, ())):
+                if session.holder in holders:
+                    # Its book is sendable now; no amounts (a grant may be mid-write).
+                    await self._send(session, None, {}, grants=False)
 
 
 def _money(value: object) -> float:
