@@ -1,7 +1,8 @@
 """A real `redis-server` (the Debian package) on a free loopback port, for the cache tests.
 
-Started with persistence off (`--save '' --appendonly no`) in a temporary directory; `kill()`
-ends it by its PID, `start()` brings it back on the same port.
+Started with persistence off (`--save '' --appendonly no`) in a temporary directory, optionally
+with a password (`--requirepass`); `kill()` ends it by its PID, `start()` brings it back on the
+same port.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -28,6 +29,7 @@ class RedisServer:
             )
         self.binary = binary
         self.workdir = workdir
+        self.password = password
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -49,6 +51,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *(["--requirepass", self.password] if self.password is not None else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -64,21 +67,26 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+            return self.command("PING").endswith(b"+PONG\r\n")
         except OSError:
             return False
 
     def command(self, *args: str) -> bytes:
-        """One raw RESP command (for tests that look inside)."""
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = arg.encode()
-            parts.append(f"${len(data)}\r\n".encode() + data + b"\r\n")
+        """One raw RESP command (for tests that look inside), after AUTH when there is a
+        password (its +OK answer comes first)."""
+        commands = [("AUTH", self.password)] if self.password is not None else []
+        parts = []
+        for command in [*commands, args]:
+            parts.append(f"*{len(command)}\r\n".encode())
+            for arg in command:
+                data = arg.encode()
+                parts.append(f"${len(data)}\r\n".encode() + data + b"\r\n")
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.sendall(b"".join(parts))
-            return s.recv(1 << 20)
+            answer = s.recv(1 << 20)
+            if commands and answer == b"+OK\r\n":
+                answer += s.recv(1 << 20)  # the command's own answer, if it came apart
+            return answer
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

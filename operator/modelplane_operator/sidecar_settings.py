@@ -50,6 +50,9 @@ def field_name(path: Path) -> str:
     return "spec.sidecar." + ".".join(path)
 
 
+_PRECEDENCE = "the older policy wins, the first by name when created together"
+
+
 def _shown(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
@@ -82,13 +85,13 @@ def merge(claims: Sequence[tuple[str, Mapping[Path, Any]]]) -> Merged:
             name = field_name(path)
             lost = (
                 f"{name} is {_shown(value)} here but {_shown(theirs)} in RoutingPolicy "
-                f"{owner!r}, which is older: its value applies, this one does not"
+                f"{owner!r}, whose value applies ({_PRECEDENCE})"
             )
             merged.conflicts.setdefault(policy, []).append(lost)
             merged.overruled.setdefault(policy, []).append(lost)
             merged.conflicts.setdefault(owner, []).append(
                 f"{name} is {_shown(theirs)} here but {_shown(value)} in RoutingPolicy "
-                f"{policy!r}: this policy is older, so its value applies"
+                f"{policy!r}; this policy's value applies ({_PRECEDENCE})"
             )
     return merged
 

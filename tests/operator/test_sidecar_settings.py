@@ -222,12 +222,12 @@ def test_a_conflict_goes_to_the_older_policy_and_both_say_so() -> None:
     assert config_of(result).server.max_body_bytes == 4096
     young, old = result.verdict("RoutingPolicy", "young"), result.verdict("RoutingPolicy", "old")
     lost = (
-        "spec.sidecar.server.maxBodyBytes is 2048 here but 4096 in RoutingPolicy 'old', which is "
-        "older: its value applies, this one does not"
+        "spec.sidecar.server.maxBodyBytes is 2048 here but 4096 in RoutingPolicy 'old', whose "
+        "value applies (the older policy wins, the first by name when created together)"
     )
     won = (
-        "spec.sidecar.server.maxBodyBytes is 4096 here but 2048 in RoutingPolicy 'young': this "
-        "policy is older, so its value applies"
+        "spec.sidecar.server.maxBodyBytes is 4096 here but 2048 in RoutingPolicy 'young'; this "
+        "policy's value applies (the older policy wins, the first by name when created together)"
     )
     assert (young.ready, young.reason, young.message, young.in_config) == (
         False,
@@ -269,8 +269,8 @@ def test_redis_is_one_unit_and_conflicts_name_both_values() -> None:
     assert config_of(result).cache.max_bytes == 4096
     assert result.verdict("RoutingPolicy", "new").message == (
         'spec.sidecar.cache.redis is {"keyPrefix":"x:","url":"redis://two:6379/0"} here but '
-        '{"url":"redis://one:6379/0"} in RoutingPolicy \'old\', which is older: its value '
-        "applies, this one does not"
+        '{"url":"redis://one:6379/0"} in RoutingPolicy \'old\', whose value applies (the older '
+        "policy wins, the first by name when created together)"
     )
 
 
@@ -290,7 +290,7 @@ def test_a_loser_with_other_problems_keeps_their_reason() -> None:
     new = result.verdict("RoutingPolicy", "new")
     assert new.reason == INVALID_REFERENCES
     assert new.message.startswith("model 'chat': ModelEndpoint 'x' not found; ")
-    assert new.message.endswith("its value applies, this one does not")
+    assert new.message.endswith("the first by name when created together)")
 
 
 @pytest.mark.parametrize(
