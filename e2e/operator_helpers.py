@@ -6,7 +6,6 @@ Every process is started by these helpers and stopped by its own pid.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,21 +13,18 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
-from aiohttp import web
 from cluster import CertFiles, Cluster
+from harness import ServerThread
 
-from modelplane_sidecar.standins import start_site
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,28 +297,12 @@ class Sidecar:
         self.process.stop()
 
 
-class StandIns:
-    """OpenAI stand-ins served from an event loop in a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self._runners: list[web.AppRunner] = []
+class StandIns(ServerThread):
+    """OpenAI stand-ins served from an event loop in a background thread (the unit tests'
+    server thread)."""
 
     def start(self, standin: OpenAIStandIn) -> str:
-        future: Future[tuple[web.AppRunner, int]] = asyncio.run_coroutine_threadsafe(
-            start_site(standin.app()), self.loop
-        )
-        runner, port = future.result(10)
-        self._runners.append(runner)
-        return f"http://127.0.0.1:{port}/v1"
-
-    def close(self) -> None:
-        for runner in self._runners:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        return f"http://127.0.0.1:{self.serve(standin.app())}/v1"
 
 
 @contextmanager
