@@ -27,6 +27,7 @@ from .auditing import AuditTrail, RequestEnd
 from .cache import STATE_HEADER, CachedResponse, CachePlan, CacheState, replay_frames
 from .config import RetryOn
 from .errors import ApiError
+from .idle import IdleTimeout
 from .metrics import Outcome, SidecarMetrics
 from .pool import ReplicaState
 from .providers.base import (
@@ -567,7 +568,6 @@ class Forwarder:
         upstream = start.response
         translator = start.translator
         idle = endpoint.config.timeouts.stream_idle_seconds
-        loop = asyncio.get_running_loop()
         outcome = Outcome.OK
         ttft: float | None = None
         recorder = ex.cache.recorder() if ex.cache is not None else None
@@ -584,7 +584,7 @@ class Forwarder:
             series.ttft(ex.decision.alias.name).observe(ttft)
             broken: UpstreamFailure | None = None
             try:
-                async with asyncio.timeout(idle) as idle_timer:
+                async with IdleTimeout(idle) as idle_timer:
                     while True:
                         chunk = await upstream.content.readany()
                         if not chunk:
@@ -595,7 +595,7 @@ class Forwarder:
                         out = translator.feed(chunk)
                         if out:
                             await response.write(rewrite(out))
-                        idle_timer.reschedule(loop.time() + idle)
+                        idle_timer.touch()
             except TimeoutError:
                 broken = UpstreamFailure(
                     FailureKind.TIMEOUT, f"upstream stream went silent for more than {idle:g}s"

@@ -54,3 +54,49 @@ def test_one_line_data_events_keep_their_raw_bytes_for_pass_through() -> None:
 def test_multi_line_data_and_crlf_take_the_general_path() -> None:
     events = SSEParser().feed(b"event: delta\r\ndata: one\r\ndata: two\r\n\r\ndata: x\ndata: y\n\n")
     assert [(e.event, e.data) for e in events] == [("delta", b"one\ntwo"), (None, b"x\ny")]
+
+
+_cr_value = st.binary(max_size=20).map(lambda b: b.replace(b"\n", b""))  # lone CRs kept
+#: What token streams look like: mostly one-line `data: ` events, some CRs and CRLFs, any event.
+_stream_event = st.one_of(
+    _value.map(lambda v: b"data: " + v + b"\n\n"),
+    _value.map(lambda v: b"data: " + v + b"\n\n"),
+    _cr_value.map(lambda v: b"data: " + v + b"\n\n"),
+    _value.map(lambda v: b"data: " + v + b"\r\n\r\n"),
+    _value.map(lambda v: b"data: " + v + b"\r\n\n"),
+    _event,
+)
+
+
+@given(
+    st.lists(_stream_event, min_size=1, max_size=8), st.lists(st.integers(0, 10_000), max_size=8)
+)
+def test_data_line_framing_gives_what_feed_gives(events: list[bytes], cuts: list[int]) -> None:
+    """`feed_data_lines` either declines (None: nothing consumed) or returns exactly the payloads
+    and the raw bytes of the events `feed` would return for the same chunk."""
+    stream = b"".join(events)
+    reference, fast = SSEParser(), SSEParser()
+    start = 0
+    for cut in [*sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]:
+        chunk = stream[start:cut]
+        start = cut
+        expected = reference.feed(chunk)
+        framed = fast.feed_data_lines(chunk)
+        if framed is None:
+            assert fast.feed(chunk) == expected
+        else:
+            payloads, whole = framed
+            assert payloads == [e.data for e in expected]
+            assert whole == b"".join(e.raw for e in expected)
+        assert fast.pending == reference.pending
+
+
+def test_data_line_framing_of_typical_token_streams() -> None:
+    frames = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"data: [DONE]\n\n"]
+    parser = SSEParser()
+    assert parser.feed_data_lines(frames[0]) == ([b'{"a":1}'], frames[0])
+    assert parser.feed_data_lines(frames[1] + frames[2][:7]) == ([b'{"b":2}'], frames[1])
+    assert parser.pending == frames[2][:7]
+    assert parser.feed_data_lines(frames[2][7:]) == ([b"[DONE]"], frames[2])
+    assert parser.feed_data_lines(b": ping\n\n") is None
+    assert parser.feed_data_lines(b"data: x\r\n\r\n") is None

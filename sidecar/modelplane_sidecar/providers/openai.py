@@ -29,7 +29,7 @@ from .base import (
     parse_retry_after,
     status_kind,
 )
-from .sse import SSEParser
+from .sse import DONE_FRAME, SSEParser, sse_data
 
 _PATHS = {
     Operation.CHAT: "/chat/completions",
@@ -171,44 +171,62 @@ class OpenAIStreamPassThrough:
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            data = event.data
-            if data == b"[DONE]":
-                self._done = True
-                out.append(b"data: [DONE]\n\n")
-                continue
-            if not data:
-                continue
-            self._chars += len(data)
-            try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise UpstreamFailure(
-                    FailureKind.PROTOCOL, "upstream stream sent an event that is not JSON"
-                ) from None
-            if not isinstance(parsed, dict):
-                continue
-            error = parsed.get("error")
-            if error is not None:
-                message = error.get("message") if isinstance(error, dict) else str(error)
-                raise UpstreamFailure(
-                    FailureKind.SERVER_ERROR, f"upstream reported an error mid-stream: {message}"
-                )
-            choices = parsed.get("choices")
-            if not self._finished and isinstance(choices, list):
-                for choice in choices:
-                    if isinstance(choice, dict) and choice.get("finish_reason"):
-                        self._finished = True
-                        break
-            reported = parsed.get("usage")  # null in every chunk but the last: skip the call
-            usage = usage_from_openai(reported) if reported is not None else None
-            if usage is not None:
-                self.usage = usage
-                if not self._forward_usage_chunk and not choices:
-                    continue
-            out.append(event.raw if event.raw.startswith(b"data:") else b"data: " + data + b"\n\n")
-        return b"".join(out)
+        framed = self._parser.feed_data_lines(chunk)
+        if framed is None:
+            out = []
+            for event in self._parser.feed(chunk):
+                if self._keep(event.data):
+                    raw = event.raw
+                    if event.data == b"[DONE]":
+                        raw = DONE_FRAME
+                    elif not raw.startswith(b"data:"):
+                        raw = sse_data(event.data)
+                    out.append(raw)
+            return b"".join(out)
+        # One-line `data:` events only (what servers send): each goes out exactly as it came,
+        # so unless one is dropped the bytes out are the bytes in.
+        payloads, whole = framed
+        kept = list(map(self._keep, payloads))
+        if False not in kept:
+            return whole
+        return b"".join([sse_data(data) for data, keep in zip(payloads, kept, strict=True) if keep])
+
+    def _keep(self, data: bytes) -> bool:
+        """Watch one event; False drops it (empty, not an object, or a usage chunk the app did
+        not ask for)."""
+        if data == b"[DONE]":
+            self._done = True
+            return True
+        if not data:
+            return False
+        self._chars += len(data)
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamFailure(
+                FailureKind.PROTOCOL, "upstream stream sent an event that is not JSON"
+            ) from None
+        if not isinstance(parsed, dict):
+            return False
+        error = parsed.get("error")
+        if error is not None:
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise UpstreamFailure(
+                FailureKind.SERVER_ERROR, f"upstream reported an error mid-stream: {message}"
+            )
+        choices = parsed.get("choices")
+        if not self._finished and isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self._finished = True
+                    break
+        reported = parsed.get("usage")  # null in every chunk but the last: skip the call
+        usage = usage_from_openai(reported) if reported is not None else None
+        if usage is not None:
+            self.usage = usage
+            if not self._forward_usage_chunk and not choices:
+                return False
+        return True
 
     def finish(self) -> bytes:
         if not self._done and not self._finished:
@@ -217,4 +235,4 @@ class OpenAIStreamPassThrough:
             )
         if self.usage is None:
             self.usage = estimated_usage(self._request_body, self._chars // 3)
-        return b"" if self._done else b"data: [DONE]\n\n"
+        return b"" if self._done else DONE_FRAME

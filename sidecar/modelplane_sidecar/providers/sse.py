@@ -13,6 +13,9 @@ class SSEEvent:
     raw: bytes
 
 
+_CR = ord("\r")
+
+
 class SSEParser:
     """Incremental parser: feed arbitrary chunks, get whole events back.
 
@@ -42,6 +45,33 @@ class SSEParser:
                 events.append(event)
         self._buffer = buffer[start:]
         return events
+
+    def feed_data_lines(self, chunk: bytes) -> tuple[list[bytes], bytes] | None:
+        """A faster `feed` for what token streams send: when the buffered bytes are only
+        one-line `data: ...` events (and maybe the start of the next), their payloads and the
+        bytes of those whole events, exactly as `feed` would give them; else None, with nothing
+        consumed (call `feed`)."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        last = len(buffer) - 2
+        if (
+            buffer.startswith(b"data: ")
+            and buffer.find(b"\n", 6) == last
+            and buffer.endswith(b"\n\n")
+            and buffer[last - 1] != _CR
+        ):
+            # The most common chunk of all: exactly one event.
+            self._buffer = b""
+            return [buffer[6:last]], buffer
+        # `feed` rewrites CRLF line ends; a lone CR is data (above), here any CR goes to `feed`.
+        if b"\r" in buffer:
+            return None
+        parts = buffer.split(b"\n\n")
+        rest = parts.pop()
+        for part in parts:
+            if not part.startswith(b"data: ") or b"\n" in part:
+                return None
+        self._buffer = rest
+        return [part[6:] for part in parts], buffer[: len(buffer) - len(rest)]
 
     @property
     def pending(self) -> bytes:

@@ -1,0 +1,64 @@
+"""IdleTimeout: a stream's idle deadline that moves with every chunk, with asyncio.timeout's
+semantics (TimeoutError after `idle` seconds of silence; an outside cancellation stays one), and
+end to end: a stream whose upstream goes silent ends with an error event."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from harness import Upstreams, chain_config, endpoint
+
+from modelplane_sidecar.idle import IdleTimeout
+
+
+async def test_chunks_keep_the_deadline_moving() -> None:
+    """Ten chunks 20 ms apart take far longer than the 80 ms idle limit, but none is late."""
+    async with IdleTimeout(0.08) as idle:
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            idle.touch()
+    assert not idle.expired
+
+
+async def test_silence_longer_than_idle_raises_timeout_error() -> None:
+    with pytest.raises(TimeoutError):
+        async with IdleTimeout(0.05) as idle:
+            idle.touch()
+            await asyncio.sleep(10)
+    assert idle.expired
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    entered = asyncio.Event()
+
+    async def stream() -> None:
+        async with IdleTimeout(10):
+            entered.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(stream())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_upstream_silent_mid_stream_ends_with_error_event(upstreams: Upstreams) -> None:
+    _, url_a = upstreams.openai("a", chunk_delay=0.5)
+    timeouts = {"streamIdleSeconds": 0.15}
+    router = upstreams.router(chain_config([endpoint("a", url_a, timeouts=timeouts)]))
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    stream = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}], stream=True
+    )
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert len(received) == 1, "the first chunk reached the app before the silence"
+    assert "went silent for more than 0.15s" in caught.value.message
+    assert router.metric("modelplane_stream_failures_total", endpoint="a", reason="timeout") == 1
