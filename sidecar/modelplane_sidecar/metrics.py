@@ -4,11 +4,13 @@ Labels are bounded: model aliases, endpoints, providers, rules, strategies, dete
 and outcomes come from the config or from fixed sets in the code, never from request content or
 user identities (a requested model the config does not know is recorded as `model=""`).
 
-The request path stays cheap: the series of one endpoint are bound once and kept in an
-`EndpointSeries`, so accounting a request is a few dict lookups instead of a label resolution per
-metric. State that changes without any request (circuit breakers moving to half-open, in-flight
-counts) is read from the serving snapshot when Prometheus scrapes, so it is never stale and costs
-the request path nothing. docs/observability.md lists every metric.
+The request path stays cheap: the families every request updates are tallies (`tally.py`: plain
+number adds, turned into Prometheus samples at scrape time), and the series of one endpoint are
+bound once and kept in an `EndpointSeries`, so accounting a request is a few dict lookups and
+additions instead of a label resolution and a lock per metric. State that changes without any
+request (circuit breakers moving to half-open, in-flight counts) is read from the serving snapshot
+when Prometheus scrapes, so it is never stale and costs the request path nothing.
+docs/observability.md lists every metric.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .breaker import BreakerState
+from .tally import CounterSeries, HistogramSeries, TallyCollector
 
 if TYPE_CHECKING:
     from .providers.base import Usage
@@ -89,11 +92,11 @@ class EndpointSeries:
         self.input_tokens = metrics.tokens.labels(endpoint, provider, "input")
         self.output_tokens = metrics.tokens.labels(endpoint, provider, "output")
         self.cost = metrics.cost.labels(endpoint, provider)
-        self._requests: dict[tuple[str, str, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
-        self._ttft: dict[str, Histogram] = {}
+        self._requests: dict[tuple[str, str, str], CounterSeries] = {}
+        self._latency: dict[str, HistogramSeries] = {}
+        self._ttft: dict[str, HistogramSeries] = {}
 
-    def requests(self, model: str, rule: str, outcome: str) -> Counter:
+    def requests(self, model: str, rule: str, outcome: str) -> CounterSeries:
         key = (model, rule, outcome)
         child = self._requests.get(key)
         if child is None:
@@ -103,14 +106,14 @@ class EndpointSeries:
             self._requests[key] = child
         return child
 
-    def latency(self, model: str) -> Histogram:
+    def latency(self, model: str) -> HistogramSeries:
         child = self._latency.get(model)
         if child is None:
             child = self._metrics.latency.labels(model, self.endpoint, self.provider)
             self._latency[model] = child
         return child
 
-    def ttft(self, model: str) -> Histogram:
+    def ttft(self, model: str) -> HistogramSeries:
         child = self._ttft.get(model)
         if child is None:
             child = self._metrics.ttft.labels(model, self.endpoint, self.provider)
@@ -123,20 +126,19 @@ class SidecarMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self._endpoints: dict[tuple[str, str], EndpointSeries] = {}
-        self._decided: dict[tuple[str, str, str, str], Counter] = {}
+        self._decided: dict[tuple[str, str, str, str], CounterSeries] = {}
         self._live: _LiveState | None = None
-        self.requests = Counter(
+        tally = TallyCollector()
+        self.requests = tally.counter(
             "modelplane_requests",
             "Requests answered by the sidecar, by model alias, serving endpoint and its provider, "
             "rule and outcome (endpoint is empty when no endpoint answered).",
             ["model", "endpoint", "provider", "rule", "outcome"],
-            registry=r,
         )
-        self.attempts = Counter(
+        self.attempts = tally.counter(
             "modelplane_upstream_attempts",
             "Attempts sent to upstream endpoints, by result (ok or the failure kind).",
             ["endpoint", "provider", "result"],
-            registry=r,
         )
         self.fallbacks = Counter(
             "modelplane_fallbacks",
@@ -162,37 +164,32 @@ class SidecarMetrics:
             ["model"],
             registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = tally.counter(
             "modelplane_tokens",
             "Tokens processed, by endpoint and direction (input/output).",
             ["endpoint", "provider", "direction"],
-            registry=r,
         )
-        self.cost = Counter(
+        self.cost = tally.counter(
             "modelplane_cost_usd",
             "Spend in US dollars computed from usage and endpoint prices.",
             ["endpoint", "provider"],
-            registry=r,
         )
-        self.latency = Histogram(
+        self.latency = tally.histogram(
             "modelplane_request_duration_seconds",
             "Time from request received to response complete.",
             ["model", "endpoint", "provider"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = tally.histogram(
             "modelplane_time_to_first_token_seconds",
             "For streams: time from request received to the first byte sent to the app.",
             ["model", "endpoint", "provider"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.decision = Histogram(
+        self.decision = tally.histogram(
             "modelplane_decision_duration_seconds",
             "Time spent deciding where a request goes (before any upstream call).",
             buckets=_DECISION_BUCKETS,
-            registry=r,
         )
         self.overflow = Counter(
             "modelplane_overflow_decisions",
@@ -201,11 +198,10 @@ class SidecarMetrics:
             ["model", "rule", "outcome"],
             registry=r,
         )
-        self.decisions = Counter(
+        self.decisions = tally.counter(
             "modelplane_route_decisions",
             "Routing decisions by rule, strategy and A/B arm (the arm of the first candidate).",
             ["model", "rule", "strategy", "arm"],
-            registry=r,
         )
         self.refusals = Counter(
             "modelplane_route_refusals",
@@ -310,8 +306,9 @@ class SidecarMetrics:
             "Failed writes of the audit log (the lines are kept and written again).",
             registry=r,
         )
+        r.register(tally)
 
-    def decided(self, model: str, rule: str, strategy: str, arm: str) -> Counter:
+    def decided(self, model: str, rule: str, strategy: str, arm: str) -> CounterSeries:
         """The `modelplane_route_decisions` child of these labels, bound on first use."""
         key = (model, rule, strategy, arm)
         child = self._decided.get(key)
