@@ -3,10 +3,10 @@
 Each detector is a precompiled regular expression plus a checksum or range check that removes the
 usual false positives (Luhn for payment cards, mod-97 for IBANs, the never-issued ranges of US
 SSNs, octet ranges for IPv4, a parser for IPv6). These exact patterns and checks are the
-specification: a detector fires when its pattern matches at some position of the text and the
-check accepts that match. Routing needs presence, not a count, so a detector stops at its first
-valid finding. The result never holds the sensitive values themselves, only labels, so it is safe
-to log and to return from the explain endpoint.
+specification: a detector fires when one of its pattern's matches in the text (as `finditer`
+finds them) passes the check. Routing needs presence, not a count, so a detector stops at its
+first valid finding. The result never holds the sensitive values themselves, only labels, so it
+is safe to log and to return from the explain endpoint.
 
 Running a dozen backtracking patterns over a long prompt costs milliseconds (Python's engine
 tries each pattern at every position, and code, logs and JSON are dense with digits), and this
@@ -15,8 +15,8 @@ runs on the event loop. So the text is scanned once by RE2, a linear-time automa
 ASCII word classes where looser is safe), so every exact match also starts a candidate. Only the
 detectors with a candidate are looked at further: RE2 finds their candidates' start positions and
 the exact pattern and check run there. Typical prompts have no candidate at all, and a 16 kB
-prompt costs tens of microseconds whatever it holds. `tests/routing/test_sensitivity.py` checks
-the result against the exact patterns tried at every position.
+prompt costs tens of microseconds whatever it holds. `reference_detect` is the specification
+without the shortcut; `tests/routing/test_sensitivity.py` checks that both always agree.
 """
 
 from __future__ import annotations
@@ -103,15 +103,9 @@ _SSN_EXAMPLES = {"078051120", "219099999", "457555462"}
 
 
 def luhn_valid(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        d = ord(char) - 48
-        if index % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    undoubled = sum(ord(c) - 48 for c in digits[-1::-2])
+    doubled = sum(2 * d - 9 if d > 4 else 2 * d for d in (ord(c) - 48 for c in digits[-2::-2]))
+    return (undoubled + doubled) % 10 == 0
 
 
 def _card_brand_prefix(digits: str) -> bool:
@@ -153,78 +147,63 @@ def ssn_valid(area: str, group: str, serial: str) -> bool:
     return area + group + serial not in _SSN_EXAMPLES
 
 
-# --- Exact checks at one start position -----------------------------------------------------------
-# `check(text, start)` returns FOUND when a valid finding starts at `start`, else the position from
-# which the next one may start: `start + 1` (every start is tried), or for secret assignments the
-# end of the rejected match (they never overlap, like `finditer`, so a long placeholder value is
-# read once). Python's re lets a lookbehind see the text before `pos`, so `match(text, start)` is
-# exactly "does the pattern match starting here".
-
-FOUND = 0
+# --- What makes a match a finding -----------------------------------------------------------------
 
 
-def _email_at(text: str, start: int) -> int:
-    return FOUND if _EMAIL.match(text, start) else start + 1
+def _any_match(match: re.Match[str]) -> bool:
+    return True
 
 
-def _phone_at(text: str, start: int) -> int:
-    match = _PHONE.match(text, start)
-    if match is not None and 8 <= sum(c.isdigit() for c in match.group()) <= 15:
-        return FOUND
-    return start + 1
+def _phone_valid(match: re.Match[str]) -> bool:
+    return 8 <= sum(c.isdigit() for c in match.group()) <= 15
 
 
-def _card_at(text: str, start: int) -> int:
-    match = _CARD.match(text, start)
-    if match is not None:
-        digits = match.group().replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and _card_brand_prefix(digits) and luhn_valid(digits):
-            return FOUND
-    return start + 1
+def _card_valid(match: re.Match[str]) -> bool:
+    digits = match.group().replace(" ", "").replace("-", "")
+    return 13 <= len(digits) <= 19 and _card_brand_prefix(digits) and luhn_valid(digits)
 
 
-def _iban_at(text: str, start: int) -> int:
-    match = _IBAN.match(text, start)
-    return FOUND if match is not None and iban_valid(match.group()) else start + 1
+def _iban_valid(match: re.Match[str]) -> bool:
+    return iban_valid(match.group())
 
 
-def _ssn_at(text: str, start: int) -> int:
-    match = _SSN.match(text, start)
-    if match is not None:
-        area, group, serial = match.group(1, 3, 4) if match.group(1) else match.group(5, 6, 7)
-        if ssn_valid(area, group, serial):
-            return FOUND
-    return start + 1
+def _ssn_valid(match: re.Match[str]) -> bool:
+    area, group, serial = match.group(1, 3, 4) if match.group(1) else match.group(5, 6, 7)
+    return ssn_valid(area, group, serial)
 
 
-def _ipv4_at(text: str, start: int) -> int:
-    return FOUND if _IPV4.match(text, start) else start + 1
+def _ipv6_valid(match: re.Match[str]) -> bool:
+    candidate = match.group()
+    if sum(c != ":" for c in candidate) < 2:
+        return False
+    try:
+        ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    return True
 
 
-def _ipv6_at(text: str, start: int) -> int:
-    match = _IPV6.match(text, start)
-    if match is not None and sum(c != ":" for c in match.group()) >= 2:
-        try:
-            ipaddress.IPv6Address(match.group())
-        except ValueError:
-            pass
-        else:
-            return FOUND
-    return start + 1
+#: What _PLACEHOLDER finds, as literals: one pass each over a long value instead of the pattern
+#: tried at every position. Python's "(?i)s" also matches U+017F, hence the replace.
+_PLACEHOLDER_PREFIXES = ("$", "%", "{{", "<", "os.", "process.env", "env[", "getenv")
+_PLACEHOLDER_PARTS = (
+    "xxxx", "***", "your_", "your-", "example", "redacted", "changeme", "placeholder", "dummy",
+    "...",
+)  # fmt: skip
 
 
-def _secret_token_at(text: str, start: int) -> int:
-    return FOUND if _SECRET.match(text, start) else start + 1
+def is_placeholder(value: str) -> bool:
+    """An assigned value that is obviously not a real secret (`_PLACEHOLDER` finds something)."""
+    if len(value) <= 64:
+        return _PLACEHOLDER.search(value) is not None
+    folded = value.lower().replace("\u017f", "s")
+    return folded.startswith(_PLACEHOLDER_PREFIXES) or any(p in folded for p in _PLACEHOLDER_PARTS)
 
 
-def _secret_assignment_at(text: str, start: int) -> int:
-    match = _SECRET_ASSIGNMENT.match(text, start)
-    if match is None:
-        return start + 1
+def _assignment_valid(match: re.Match[str]) -> bool:
     value = match.group(1)
-    if _PLACEHOLDER.search(value) is None and len(set(value)) >= 5:
-        return FOUND
-    return match.end()
+    varied = len(set(value[:64])) >= 5 or len(set(value)) >= 5
+    return varied and not is_placeholder(value)
 
 
 # --- Candidate patterns (RE2 syntax) --------------------------------------------------------------
@@ -233,8 +212,9 @@ def _secret_assignment_at(text: str, start: int) -> int:
 #  * a lookbehind "not preceded by X" becomes a consumed `(?:[^X]|^)` with X's ASCII part only
 #    (RE2's classes are ASCII; a looser exclusion admits more, never fewer);
 #  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`; `\s` becomes Python's exact
-#    whitespace set; `\b` stays (RE2's ASCII `\b` holds wherever Python's does next to an ASCII
-#    letter, which is the only place these patterns use it);
+#    whitespace set; `\b` stays where the pattern's side of it is a case-sensitive ASCII letter
+#    (there RE2's ASCII `\b` holds wherever Python's does) and is dropped before a case-insensitive
+#    word (Python's "(?i)s" also matches U+017F, a letter RE2's `\b` does not see as one);
 #  * lookaheads, upper bounds and checksums are dropped;
 #  * case-insensitive words spell out the letters Python also folds to "i" (U+0130, U+0131).
 
@@ -269,7 +249,7 @@ _CANDIDATE_IBAN = (
 _CANDIDATE_SSN = (
     rf"(?:[^{_D}-]|^)({_D}{{3}}[ -]{_D}{{2}}[ -]{_D}{{4}})"
     # The keyword form: " number" and up to 20 other non-digits, then 9 digits.
-    rf"|\b((?i:ssn|{_fold_i('social security')})[^0-9]{{0,27}}{_D}{{9}})"
+    rf"|((?i:ssn|{_fold_i('social security')})[^0-9]{{0,27}}{_D}{{9}})"
 )
 _OCTET = rf"(?:25[0-5]|2[0-4]{_D}|1{_D}{_D}|[1-9]?{_D})"
 _CANDIDATE_IPV4 = rf"(?:[^{_D}.]|^)({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})"
@@ -292,7 +272,7 @@ _CANDIDATE_SECRET_TOKEN = (
     r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8})"
 )
 _CANDIDATE_SECRET_ASSIGNMENT = (
-    r"\b((?i:"
+    r"((?i:"
     + _fold_i(
         r"api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd"
         r"|client[_-]?secret|private[_-]?key"
@@ -303,11 +283,15 @@ _CANDIDATE_SECRET_ASSIGNMENT = (
 
 @dataclass(frozen=True, slots=True)
 class _Kind:
-    """One exact pattern and check, with the RE2 candidate pattern that locates it."""
+    """An exact pattern and what makes its match a finding, with the RE2 pattern locating it."""
 
     label: Detector
+    exact: re.Pattern[str]
+    valid: Callable[[re.Match[str]], bool]
     candidate: Any  # a compiled re2 pattern: google-re2 ships no type hints
-    check: Callable[[str, int], int]
+    #: False: matches are taken as `finditer` takes them, never overlapping (a long assigned value
+    #: is read once, not once per keyword inside it).
+    overlapping: bool = True
 
 
 def _re2_options() -> Any:
@@ -317,23 +301,35 @@ def _re2_options() -> Any:
     return options
 
 
-#: (label, candidate pattern, exact check); findings are reported in this order of labels.
-_SPEC: tuple[tuple[Detector, str, Callable[[str, int], int]], ...] = (
-    (Detector.SECRET, _CANDIDATE_SECRET_TOKEN, _secret_token_at),
-    (Detector.SECRET, _CANDIDATE_SECRET_ASSIGNMENT, _secret_assignment_at),
-    (Detector.EMAIL, _CANDIDATE_EMAIL, _email_at),
-    (Detector.PAYMENT_CARD, _CANDIDATE_CARD, _card_at),
-    (Detector.IBAN, _CANDIDATE_IBAN, _iban_at),
-    (Detector.US_SSN, _CANDIDATE_SSN, _ssn_at),
-    (Detector.PHONE, _CANDIDATE_PHONE, _phone_at),
-    (Detector.IP_ADDRESS, _CANDIDATE_IPV4, _ipv4_at),
-    (Detector.IP_ADDRESS, _CANDIDATE_IPV6, _ipv6_at),
+def _kind(
+    label: Detector,
+    exact: re.Pattern[str],
+    valid: Callable[[re.Match[str]], bool],
+    candidate: str,
+    overlapping: bool = True,
+) -> _Kind:
+    return _Kind(label, exact, valid, re2.compile(candidate.encode(), _re2_options()), overlapping)
+
+
+#: Findings are reported in this order of labels.
+_KINDS = (
+    _kind(Detector.SECRET, _SECRET, _any_match, _CANDIDATE_SECRET_TOKEN),
+    _kind(
+        Detector.SECRET,
+        _SECRET_ASSIGNMENT,
+        _assignment_valid,
+        _CANDIDATE_SECRET_ASSIGNMENT,
+        overlapping=False,
+    ),
+    _kind(Detector.EMAIL, _EMAIL, _any_match, _CANDIDATE_EMAIL),
+    _kind(Detector.PAYMENT_CARD, _CARD, _card_valid, _CANDIDATE_CARD),
+    _kind(Detector.IBAN, _IBAN, _iban_valid, _CANDIDATE_IBAN),
+    _kind(Detector.US_SSN, _SSN, _ssn_valid, _CANDIDATE_SSN),
+    _kind(Detector.PHONE, _PHONE, _phone_valid, _CANDIDATE_PHONE),
+    _kind(Detector.IP_ADDRESS, _IPV4, _any_match, _CANDIDATE_IPV4),
+    _kind(Detector.IP_ADDRESS, _IPV6, _ipv6_valid, _CANDIDATE_IPV6),
 )
-_KINDS = tuple(
-    _Kind(label, re2.compile(pattern.encode(), _re2_options()), check)
-    for label, pattern, check in _SPEC
-)
-_LABELS = tuple(dict.fromkeys(label for label, _, _ in _SPEC))
+_LABELS = tuple(dict.fromkeys(kind.label for kind in _KINDS))
 
 
 def _candidate_set() -> Any:
@@ -341,13 +337,20 @@ def _candidate_set() -> Any:
     # RE2's many-match DFA does not give up when its cache fills (it resets and goes on), so a
     # text crafted to blow up the automaton is scanned more slowly, never skipped.
     candidates = re2.Set.SearchSet(_re2_options())
-    for _, pattern, _ in _SPEC:
-        candidates.Add(pattern.encode())
+    for kind in _KINDS:
+        candidates.Add(kind.candidate.pattern)
     candidates.Compile()
     return candidates
 
 
 _CANDIDATES = _candidate_set()
+
+#: Look-alikes of one kind (candidates the exact pattern or check rejects) after which the text is
+#: read as `finditer` reads it (one pass of the exact pattern, resuming after each rejected match)
+#: instead of at every candidate start: a text full of card-like digit groups then costs what that
+#: one pass costs, not a few microseconds per digit. (Kinds whose matches never overlap are read
+#: that way from the start.)
+LOOKALIKE_BUDGET = 32
 
 
 class _Utf8Text:
@@ -383,26 +386,38 @@ class _Utf8Text:
         return self._byte
 
 
+def _next_start(kind: _Kind, match: re.Match[str] | None, start: int) -> int:
+    """Where the next match may start after the one at `start` was rejected (or was not there)."""
+    if match is None or kind.overlapping:
+        return start + 1
+    return max(match.end(), start + 1)
+
+
 def _found(kind: _Kind, scan: _Utf8Text) -> bool:
-    """Run the exact check at the candidates of `kind`, in order, until one holds."""
-    candidate = kind.candidate
-    pos = 0
-    last = -1
+    """Check the exact pattern at each candidate start of `kind`, in order, until one passes."""
+    candidate, exact, valid = kind.candidate, kind.exact, kind.valid
+    pos = 0  # where RE2 searches from (bytes)
+    floor = 0  # candidates starting before this are inside a match already rejected
+    rejected = 0
     while True:
-        match = candidate.search(scan.encoded, pos)
-        if match is None:
+        found = candidate.search(scan.encoded, pos)
+        if found is None:
             return False
-        start = int(match.start(int(match.lastindex)))
-        if start <= last:
-            # The same candidate again (one without a lead-in character): look past it.
-            pos = last + 1
+        start = int(found.start(int(found.lastindex)))
+        if start < floor:
+            pos = int(found.start()) + 1
             continue
-        resume = kind.check(scan.text, scan.char_offset(start))
-        if resume == FOUND:
+        char_start = scan.char_offset(start)
+        match = exact.match(scan.text, char_start)
+        if match is not None and valid(match):
             return True
-        # Search on from the character before `resume`: it may be the next candidate's lead-in.
-        last = start
-        pos = max(start, scan.byte_offset(resume - 1))
+        rejected += 1
+        if rejected > LOOKALIKE_BUDGET and kind.overlapping:
+            return any(valid(m) for m in exact.finditer(scan.text))
+        resume = _next_start(kind, match, char_start)
+        # From the character before: it may be the lead-in the next candidate's pattern consumes.
+        pos = scan.byte_offset(resume - 1)
+        floor = scan.byte_offset(resume)
 
 
 def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Detector]:
@@ -423,19 +438,31 @@ def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Det
     return [label for label in _LABELS if label in found]
 
 
-def reference_detect(text: str) -> list[Detector]:
-    """The specification, slowly: each exact check at every start position (no RE2, no shortcut).
+def reference_detect(text: str, every_start: bool = True) -> list[Detector]:
+    """The specification, slowly: the exact patterns alone, no RE2 and no shortcut.
 
-    `detect` must give the same labels for every text; the tests compare the two.
+    every_start=True: a detector fires when its pattern, tried at every position, matches there
+    and the match passes its check (secret assignments never overlap: see `_Kind.overlapping`).
+    every_start=False: only the matches `finditer` returns are checked, so a rejected match hides
+    any other that starts inside it (how the detectors read text before the RE2 pass).
+    `detect` gives the first whenever no detector meets more than LOOKALIKE_BUDGET look-alikes,
+    and in any case everything the second finds and nothing the first does not.
     """
     found: set[Detector] = set()
-    for label, _, check in _SPEC:
+    for kind in _KINDS:
+        if kind.label in found:
+            continue
+        if not every_start:
+            if any(kind.valid(m) for m in kind.exact.finditer(text)):
+                found.add(kind.label)
+            continue
         start = 0
-        while label not in found and start < len(text):
-            resume = check(text, start)
-            if resume == FOUND:
-                found.add(label)
-            start = resume
+        while start < len(text):
+            match = kind.exact.match(text, start)
+            if match is not None and kind.valid(match):
+                found.add(kind.label)
+                break
+            start = _next_start(kind, match, start)
     return [label for label in _LABELS if label in found]
 
 
