@@ -115,6 +115,8 @@ def test_budget_status_follows_spend_and_an_operator_restart_keeps_it(
         (lease,) = status["leases"]
         assert lease["holder"].startswith("app-pod/") and lease["connected"]
         assert lease["settledUSD"] == pytest.approx(cost)
+        # Its book went to status before the sidecar was told it, and the sidecar names it.
+        assert lease["book"] and lease["confirmed"]
         # The cap went upstream on every call.
         assert {r.body.get("max_completion_tokens") for r in standin.received} == {64}
 
@@ -143,6 +145,7 @@ def test_budget_status_follows_spend_and_an_operator_restart_keeps_it(
         status = wait_for(lambda: settled(cluster, namespace, 12), "spend after the restart", 60)
         assert status["spentUSD"] == pytest.approx(tokens * PRICE / 1e6)
         assert [lease["connected"] for lease in status["leases"]] == [True]
+        assert status["leases"][0]["book"] == lease["book"]  # the same entry, taken over
 
         # A sidecar restart (SIGTERM) gives its idle lease back and loses nothing settled.
         sidecar.restart()
