@@ -212,9 +212,9 @@ def _assignment_valid(match: re.Match[str]) -> bool:
 #  * a lookbehind "not preceded by X" becomes a consumed `(?:[^X]|^)` with X's ASCII part only
 #    (RE2's classes are ASCII; a looser exclusion admits more, never fewer);
 #  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`; `\s` becomes Python's exact
-#    whitespace set; `\b` stays where the pattern's side of it is a case-sensitive ASCII letter
-#    (there RE2's ASCII `\b` holds wherever Python's does) and is dropped before a case-insensitive
-#    word (Python's "(?i)s" also matches U+017F, a letter RE2's `\b` does not see as one);
+#    whitespace set; `\b` stays next to an ASCII letter (there RE2's ASCII `\b` holds wherever
+#    Python's does), but a word that Python's "(?i)s" lets start with U+017F, a letter RE2's `\b`
+#    does not see as one, also gets an alternative starting with that letter and no `\b`;
 #  * lookaheads, upper bounds and checksums are dropped;
 #  * case-insensitive words spell out the letters Python also folds to "i" (U+0130, U+0131).
 
@@ -224,6 +224,7 @@ _S = (
     r"[\t-\r\x1c-\x20\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
 )
 _I = r"[iI\x{130}\x{131}]"
+_LONG_S = r"\x{17f}"
 
 
 def _fold_i(words: str) -> str:
@@ -249,7 +250,8 @@ _CANDIDATE_IBAN = (
 _CANDIDATE_SSN = (
     rf"(?:[^{_D}-]|^)({_D}{{3}}[ -]{_D}{{2}}[ -]{_D}{{4}})"
     # The keyword form: " number" and up to 20 other non-digits, then 9 digits.
-    rf"|((?i:ssn|{_fold_i('social security')})[^0-9]{{0,27}}{_D}{{9}})"
+    rf"|((?:\b(?i:ssn|{_fold_i('social security')})|{_LONG_S}(?i:sn|{_fold_i('ocial security')}))"
+    rf"[^0-9]{{0,27}}{_D}{{9}})"
 )
 _OCTET = rf"(?:25[0-5]|2[0-4]{_D}|1{_D}{_D}|[1-9]?{_D})"
 _CANDIDATE_IPV4 = rf"(?:[^{_D}.]|^)({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})"
@@ -272,12 +274,13 @@ _CANDIDATE_SECRET_TOKEN = (
     r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8})"
 )
 _CANDIDATE_SECRET_ASSIGNMENT = (
-    r"((?i:"
+    r"((?:\b(?i:"
     + _fold_i(
         r"api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd"
         r"|client[_-]?secret|private[_-]?key"
     )
-    + rf")\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}})"
+    + rf")|{_LONG_S}(?i:ecret(?:[_-]?key)?))"
+    + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}})"
 )
 
 
@@ -405,7 +408,8 @@ def _found(kind: _Kind, scan: _Utf8Text) -> bool:
             return False
         start = int(found.start(int(found.lastindex)))
         if start < floor:
-            pos = int(found.start()) + 1
+            # A candidate without a lead-in character inside the rejected match: go past it.
+            pos = floor
             continue
         char_start = scan.char_offset(start)
         match = exact.match(scan.text, char_start)
