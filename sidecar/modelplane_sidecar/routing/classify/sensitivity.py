@@ -21,6 +21,7 @@ without the shortcut; `tests/routing/test_sensitivity.py` checks that both alway
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -211,90 +212,112 @@ def _assignment_valid(match: re.Match[str]) -> bool:
 # where the exact pattern would start. Rules that keep them supersets:
 #  * a lookbehind "not preceded by X" becomes a consumed `(?:[^X]|^)` with X's ASCII part only
 #    (RE2's classes are ASCII; a looser exclusion admits more, never fewer);
-#  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`; `\s` becomes Python's exact
+#  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`, or 0-9 for a text with no other
+#    digit; `\s` becomes Python's exact
 #    whitespace set; `\b` stays next to an ASCII letter (there RE2's ASCII `\b` holds wherever
 #    Python's does), but a word that Python's "(?i)s" lets start with U+017F, a letter RE2's `\b`
 #    does not see as one, also gets an alternative starting with that letter and no `\b`;
 #  * lookaheads, upper bounds and checksums are dropped;
 #  * case-insensitive words spell out the letters Python also folds to "i" (U+0130, U+0131).
 
-_D = r"\p{Nd}"
 #: Python's `\s` (str.isspace), exactly.
 _S = (
     r"[\t-\r\x1c-\x20\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
 )
 _I = r"[iI\x{130}\x{131}]"
 _LONG_S = r"\x{17f}"
+_H = "[0-9A-Fa-f]"
+#: Python's `\d` is every Unicode decimal digit; RE2's automaton for them is large, so texts
+#: without a digit outside 0-9 (almost all) are scanned with patterns for 0-9 only.
+_UNICODE_DIGITS = r"\p{Nd}"
+_ASCII_DIGITS = "0-9"
+_NON_ASCII_DIGIT = re2.compile(rb"[^\P{Nd}0-9]")
 
 
 def _fold_i(words: str) -> str:
     return words.replace("i", _I)
 
 
-_CANDIDATE_EMAIL = (
-    r"(?:[^A-Za-z0-9_.%+-]|^)([A-Za-z0-9][A-Za-z0-9._%+-]*@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2})"
-)
-_CANDIDATE_PHONE = (
-    # International: at least 8 digits, with at most ")", a separator and "(" between two.
-    rf"(?:[^A-Za-z0-9_+]|^)(\+{_D}(?:[ .()-]{{0,3}}{_D}){{7}})"
-    rf"|(?:[^A-Za-z0-9_.-]|^)((?:\([2-9]{_D}{{2}}\){_S}?|[2-9]{_D}{{2}}[ .-])"
-    rf"[2-9]{_D}{{2}}[ .-]{_D}{{4}})"
-    rf"|(?:[^A-Za-z0-9_.-]|^)(0{_D}{{1,4}}[ /-]{_D}{{3,4}}[ -]?{_D}{{3,4}})"
-)
-# Every issuer prefix starts with 2-6 (int() also reads other scripts' digits, hence non-ASCII).
-_CANDIDATE_CARD = rf"(?:[^{_D}-]|^)((?:[2-6]|[^\x00-\x7f])(?:[ -]?{_D}){{12}})"
-_CANDIDATE_IBAN = (
-    rf"(?:[^A-Za-z0-9]|^)((?:{'|'.join(sorted(_IBAN_LENGTHS))}){_D}{{2}}(?: ?[A-Z0-9]){{11}})"
-)
-_CANDIDATE_SSN = (
-    rf"(?:[^{_D}-]|^)({_D}{{3}}[ -]{_D}{{2}}[ -]{_D}{{4}})"
-    # The keyword form: " number" and up to 20 other non-digits, then 9 digits.
-    rf"|((?:\b(?i:ssn|{_fold_i('social security')})|{_LONG_S}(?i:sn|{_fold_i('ocial security')}))"
-    rf"[^0-9]{{0,27}}{_D}{{9}})"
-)
-_OCTET = rf"(?:25[0-5]|2[0-4]{_D}|1{_D}{_D}|[1-9]?{_D})"
-_CANDIDATE_IPV4 = rf"(?:[^{_D}.]|^)({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})"
-# A valid IPv6 address is eight full groups, or has a "::" and (the check wants two) hex digits.
-_H = "[0-9A-Fa-f]"
-_CANDIDATE_IPV6 = (
-    rf"(?:[^A-Za-z0-9_:.]|^)([0-9A-Fa-f:]*(?:::[0-9A-Fa-f:]*{_H}|{_H}[0-9A-Fa-f:]*::)"
-    rf"|{_H}{{1,4}}(?::{_H}{{1,4}}){{7}})"
-)
-_CANDIDATE_SECRET_TOKEN = (
-    r"(-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-    r"|\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"
-    r"|\bgh[pousr]_[A-Za-z0-9]{36}"
-    r"|\bgithub_pat_[A-Za-z0-9_]{22}"
-    r"|\bglpat-[A-Za-z0-9_-]{20}"
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10}"
-    rf"|\bsk-(?:proj-|ant-(?:api{_D}{_D}-)?|svcacct-)?[A-Za-z0-9_-]{{20}}"
-    r"|\bAIza[0-9A-Za-z_-]{35}"
-    r"|\b[rs]k_live_[0-9A-Za-z]{16}"
-    r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8})"
-)
-_CANDIDATE_SECRET_ASSIGNMENT = (
-    r"((?:\b(?i:"
-    + _fold_i(
-        r"api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd"
-        r"|client[_-]?secret|private[_-]?key"
+def _candidate_patterns(digits: str) -> tuple[str, ...]:
+    """The candidate pattern of each kind (in `_KINDS` order), `digits` being the digit class."""
+    d = f"[{digits}]"
+    octet = rf"(?:25[0-5]|2[0-4]{d}|1{d}{d}|[1-9]?{d})"
+    # Every issuer prefix starts with 2-6 (int() also reads other scripts' digits).
+    card_first = "[2-6]" if digits == _ASCII_DIGITS else r"(?:[2-6]|[^\x00-\x7f])"
+    secret_token = (
+        r"(-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"|\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"
+        r"|\bgh[pousr]_[A-Za-z0-9]{36}"
+        r"|\bgithub_pat_[A-Za-z0-9_]{22}"
+        r"|\bglpat-[A-Za-z0-9_-]{20}"
+        r"|\bxox[abposr]-[A-Za-z0-9-]{10}"
+        rf"|\bsk-(?:proj-|ant-(?:api{d}{d}-)?|svcacct-)?[A-Za-z0-9_-]{{20}}"
+        r"|\bAIza[0-9A-Za-z_-]{35}"
+        r"|\b[rs]k_live_[0-9A-Za-z]{16}"
+        r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8})"
     )
-    + rf")|{_LONG_S}(?i:ecret(?:[_-]?key)?))"
-    + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}})"
-)
+    secret_assignment = (
+        r"((?:\b(?i:"
+        + _fold_i(
+            r"api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd"
+            r"|client[_-]?secret|private[_-]?key"
+        )
+        + rf")|{_LONG_S}(?i:ecret(?:[_-]?key)?))"
+        + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}})"
+    )
+    email = (
+        r"(?:[^A-Za-z0-9_.%+-]|^)([A-Za-z0-9][A-Za-z0-9._%+-]*@"
+        r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2})"
+    )
+    card = rf"(?:[^{digits}-]|^)({card_first}(?:[ -]?{d}){{12}})"
+    iban = rf"(?:[^A-Za-z0-9]|^)((?:{'|'.join(sorted(_IBAN_LENGTHS))}){d}{{2}}(?: ?[A-Z0-9]){{11}})"
+    ssn = (
+        rf"(?:[^{digits}-]|^)({d}{{3}}[ -]{d}{{2}}[ -]{d}{{4}})"
+        # The keyword form: " number" and up to 20 other non-digits, then 9 digits.
+        rf"|((?:\b(?i:ssn|{_fold_i('social security')})"
+        rf"|{_LONG_S}(?i:sn|{_fold_i('ocial security')}))[^0-9]{{0,27}}{d}{{9}})"
+    )
+    phone = (
+        # International: at least 8 digits, with at most ")", a separator and "(" between two.
+        rf"(?:[^A-Za-z0-9_+]|^)(\+{d}(?:[ .()-]{{0,3}}{d}){{7}})"
+        rf"|(?:[^A-Za-z0-9_.-]|^)((?:\([2-9]{d}{{2}}\){_S}?|[2-9]{d}{{2}}[ .-])"
+        rf"[2-9]{d}{{2}}[ .-]{d}{{4}})"
+        rf"|(?:[^A-Za-z0-9_.-]|^)(0{d}{{1,4}}[ /-]{d}{{3,4}}[ -]?{d}{{3,4}})"
+    )
+    ipv4 = rf"(?:[^{digits}.]|^)({octet}\.{octet}\.{octet}\.{octet})"
+    # A valid IPv6 address is eight full groups, or has a "::" and (the check wants two) hex digits.
+    ipv6 = (
+        rf"(?:[^A-Za-z0-9_:.]|^)([0-9A-Fa-f:]*(?:::[0-9A-Fa-f:]*{_H}|{_H}[0-9A-Fa-f:]*::)"
+        rf"|{_H}{{1,4}}(?::{_H}{{1,4}}){{7}})"
+    )
+    return (secret_token, secret_assignment, email, card, iban, ssn, phone, ipv4, ipv6)
 
 
 @dataclass(frozen=True, slots=True)
 class _Kind:
-    """An exact pattern and what makes its match a finding, with the RE2 pattern locating it."""
+    """An exact pattern and what makes its match a finding."""
 
     label: Detector
     exact: re.Pattern[str]
     valid: Callable[[re.Match[str]], bool]
-    candidate: Any  # a compiled re2 pattern: google-re2 ships no type hints
     #: False: matches are taken as `finditer` takes them, never overlapping (a long assigned value
     #: is read once, not once per keyword inside it).
     overlapping: bool = True
+
+
+#: In `_candidate_patterns` order; findings are reported in this order of labels.
+_KINDS = (
+    _Kind(Detector.SECRET, _SECRET, _any_match),
+    _Kind(Detector.SECRET, _SECRET_ASSIGNMENT, _assignment_valid, overlapping=False),
+    _Kind(Detector.EMAIL, _EMAIL, _any_match),
+    _Kind(Detector.PAYMENT_CARD, _CARD, _card_valid),
+    _Kind(Detector.IBAN, _IBAN, _iban_valid),
+    _Kind(Detector.US_SSN, _SSN, _ssn_valid),
+    _Kind(Detector.PHONE, _PHONE, _phone_valid),
+    _Kind(Detector.IP_ADDRESS, _IPV4, _any_match),
+    _Kind(Detector.IP_ADDRESS, _IPV6, _ipv6_valid),
+)
+_LABELS = tuple(dict.fromkeys(kind.label for kind in _KINDS))
 
 
 def _re2_options() -> Any:
@@ -304,49 +327,28 @@ def _re2_options() -> Any:
     return options
 
 
-def _kind(
-    label: Detector,
-    exact: re.Pattern[str],
-    valid: Callable[[re.Match[str]], bool],
-    candidate: str,
-    overlapping: bool = True,
-) -> _Kind:
-    return _Kind(label, exact, valid, re2.compile(candidate.encode(), _re2_options()), overlapping)
+class _Scanner:
+    """The candidate patterns compiled for RE2: one set for the single pass, one per kind."""
+
+    def __init__(self, digits: str) -> None:
+        patterns = [p.encode() for p in _candidate_patterns(digits)]
+        # RE2's many-match DFA does not give up when its cache fills (it resets and goes on), so
+        # a text crafted to blow up the automaton is scanned more slowly, never skipped.
+        self.any: Any = re2.Set.SearchSet(_re2_options())
+        for pattern in patterns:
+            self.any.Add(pattern)
+        self.any.Compile()
+        self.each: tuple[Any, ...] = tuple(re2.compile(p, _re2_options()) for p in patterns)
 
 
-#: Findings are reported in this order of labels.
-_KINDS = (
-    _kind(Detector.SECRET, _SECRET, _any_match, _CANDIDATE_SECRET_TOKEN),
-    _kind(
-        Detector.SECRET,
-        _SECRET_ASSIGNMENT,
-        _assignment_valid,
-        _CANDIDATE_SECRET_ASSIGNMENT,
-        overlapping=False,
-    ),
-    _kind(Detector.EMAIL, _EMAIL, _any_match, _CANDIDATE_EMAIL),
-    _kind(Detector.PAYMENT_CARD, _CARD, _card_valid, _CANDIDATE_CARD),
-    _kind(Detector.IBAN, _IBAN, _iban_valid, _CANDIDATE_IBAN),
-    _kind(Detector.US_SSN, _SSN, _ssn_valid, _CANDIDATE_SSN),
-    _kind(Detector.PHONE, _PHONE, _phone_valid, _CANDIDATE_PHONE),
-    _kind(Detector.IP_ADDRESS, _IPV4, _any_match, _CANDIDATE_IPV4),
-    _kind(Detector.IP_ADDRESS, _IPV6, _ipv6_valid, _CANDIDATE_IPV6),
-)
-_LABELS = tuple(dict.fromkeys(kind.label for kind in _KINDS))
+_ASCII_SCANNER = _Scanner(_ASCII_DIGITS)
 
 
-def _candidate_set() -> Any:
-    """One RE2 pass that answers "which kinds have a candidate anywhere?"."""
-    # RE2's many-match DFA does not give up when its cache fills (it resets and goes on), so a
-    # text crafted to blow up the automaton is scanned more slowly, never skipped.
-    candidates = re2.Set.SearchSet(_re2_options())
-    for kind in _KINDS:
-        candidates.Add(kind.candidate.pattern)
-    candidates.Compile()
-    return candidates
+@functools.cache
+def _unicode_scanner() -> _Scanner:
+    """Compiled on the first text with a digit outside 0-9 (about 1 MB more)."""
+    return _Scanner(_UNICODE_DIGITS)
 
-
-_CANDIDATES = _candidate_set()
 
 #: Look-alikes of one kind (candidates the exact pattern or check rejects) after which the text is
 #: read as `finditer` reads it (one pass of the exact pattern, resuming after each rejected match)
@@ -396,9 +398,9 @@ def _next_start(kind: _Kind, match: re.Match[str] | None, start: int) -> int:
     return max(match.end(), start + 1)
 
 
-def _found(kind: _Kind, scan: _Utf8Text) -> bool:
+def _found(kind: _Kind, candidate: Any, scan: _Utf8Text) -> bool:
     """Check the exact pattern at each candidate start of `kind`, in order, until one passes."""
-    candidate, exact, valid = kind.candidate, kind.exact, kind.valid
+    exact, valid = kind.exact, kind.valid
     pos = 0  # where RE2 searches from (bytes)
     floor = 0  # candidates starting before this are inside a match already rejected
     rejected = 0
@@ -429,7 +431,10 @@ def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Det
     if not text:
         return []
     scan = _Utf8Text(text)
-    flagged = _CANDIDATES.Match(scan.encoded)
+    scanner = _ASCII_SCANNER
+    if not scan.ascii and _NON_ASCII_DIGIT.search(scan.encoded):
+        scanner = _unicode_scanner()
+    flagged = scanner.any.Match(scan.encoded)
     if not flagged:
         return []
     found: set[Detector] = set()
@@ -437,7 +442,7 @@ def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Det
         kind = _KINDS[index]
         if kind.label in found or (enabled is not None and kind.label not in enabled):
             continue
-        if _found(kind, scan):
+        if _found(kind, scanner.each[index], scan):
             found.add(kind.label)
     return [label for label in _LABELS if label in found]
 
