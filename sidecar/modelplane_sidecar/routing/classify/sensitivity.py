@@ -208,8 +208,9 @@ def _assignment_valid(match: re.Match[str]) -> bool:
 
 
 # --- Candidate patterns (RE2 syntax) --------------------------------------------------------------
-# Each is a superset of its exact pattern, with one capturing group per alternative that starts
-# where the exact pattern would start. Rules that keep them supersets:
+# Each is a superset of its exact pattern. A pattern that consumes a lead-in character has one
+# capturing group per alternative, starting where the exact pattern would start. Rules that keep
+# them supersets:
 #  * a lookbehind "not preceded by X" becomes a consumed `(?:[^X]|^)` with X's ASCII part only
 #    (RE2's classes are ASCII; a looser exclusion admits more, never fewer);
 #  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`, or 0-9 for a text with no other
@@ -245,7 +246,7 @@ def _candidate_patterns(digits: str) -> tuple[str, ...]:
     # Every issuer prefix starts with 2-6 (int() also reads other scripts' digits).
     card_first = "[2-6]" if digits == _ASCII_DIGITS else r"(?:[2-6]|[^\x00-\x7f])"
     secret_token = (
-        r"(-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
         r"|\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b"
         r"|\bgh[pousr]_[A-Za-z0-9]{36}"
         r"|\bgithub_pat_[A-Za-z0-9_]{22}"
@@ -254,16 +255,16 @@ def _candidate_patterns(digits: str) -> tuple[str, ...]:
         rf"|\bsk-(?:proj-|ant-(?:api{d}{d}-)?|svcacct-)?[A-Za-z0-9_-]{{20}}"
         r"|\bAIza[0-9A-Za-z_-]{35}"
         r"|\b[rs]k_live_[0-9A-Za-z]{16}"
-        r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8})"
+        r"|\beyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]{8}[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8}"
     )
     secret_assignment = (
-        r"((?:\b(?i:"
+        r"(?:\b(?i:"
         + _fold_i(
             r"api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd"
             r"|client[_-]?secret|private[_-]?key"
         )
         + rf")|{_LONG_S}(?i:ecret(?:[_-]?key)?))"
-        + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}})"
+        + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}}"
     )
     email = (
         r"(?:[^A-Za-z0-9_.%+-]|^)([A-Za-z0-9][A-Za-z0-9._%+-]*@"
@@ -408,7 +409,9 @@ def _found(kind: _Kind, candidate: Any, scan: _Utf8Text) -> bool:
         found = candidate.search(scan.encoded, pos)
         if found is None:
             return False
-        start = int(found.start(int(found.lastindex)))
+        # The group that matched, if the pattern has a lead-in character; else the whole match.
+        group = found.lastindex
+        start = int(found.start(int(group) if group is not None else 0))
         if start < floor:
             # A candidate without a lead-in character inside the rejected match: go past it.
             pos = floor
