@@ -233,6 +233,15 @@ def test_findings_in_other_scripts_and_next_to_them(text: str, label: Detector) 
     assert detect(text) == reference_detect(text)
 
 
+def test_a_rejected_lookalike_does_not_hide_a_finding_that_starts_inside_it() -> None:
+    """'0 4111 ...' matches the card pattern from the 0 (and fails the issuer check); the card
+    starting at 4111 is still found. One `finditer` pass, as the detectors used to read, misses it.
+    """
+    text = "order 0 4111 1111 1111 1111"
+    assert reference_detect(text, every_start=False) == []
+    assert detect(text) == reference_detect(text) == [Detector.PAYMENT_CARD]
+
+
 def test_texts_that_are_not_plain_utf8_or_empty() -> None:
     assert detect("") == []
     # A lone surrogate (a JSON "\\ud800" escape) is one character; offsets after it still line up.
