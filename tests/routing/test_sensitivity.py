@@ -160,6 +160,7 @@ FRAGMENTS = [
     *("255", "256", "999", "SSN", "ssn ", "Social Security", " number", "DE89", "GB82", "WEST"),
     *("3704", "AKIA", "IOSFODNN7EXAMPLE", "ghp_", "a1B2c3D4e5", "sk-proj-", "eyJhbGciOiJIUzI1"),
     *("password", "api_key", "Tr0ub4dor&3x", "YOUR_KEY", "xxxx", "-----BEGIN ", "PRIVATE KEY"),
+    *("os.environ", "OS.", "${", "%", "{{", "getenv", "env[", "process.env", "$x", "o", "e"),
     # Other scripts: digits Python's \d accepts, letters its (?i) folds, spaces its \s accepts.
     *("\u0663\u0664", "\uff14", "\u017f", "\u0130", "\u0131", "\u212a", "\u00a0", "\u3000"),
     *("\u4e00\u4e8c", "\u00e9", "\U0001f600", "\ud800"),

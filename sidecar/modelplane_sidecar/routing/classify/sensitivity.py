@@ -239,6 +239,29 @@ def _fold_i(words: str) -> str:
     return words.replace("i", _I)
 
 
+def _not_starting_with(prefixes: tuple[str, ...], char: str, length: int) -> str:
+    """RE2 for `length` or more characters of the negated class body `char` that do not start
+    with any of `prefixes` (ASCII letters in either case). Past `length` characters it accepts
+    whatever follows: a candidate pattern only has to admit everything the exact one may find."""
+
+    def variants(c: str) -> str:
+        return re.escape(c.lower()) + (c.upper() if c.isalpha() else "")
+
+    def node(prefixes: tuple[str, ...], depth: int) -> str:
+        if depth >= length:
+            return ""
+        nexts = sorted({p[0] for p in prefixes if p})
+        rest = "{" + str(length - depth - 1) + "}"
+        options = [f"[^{char}{''.join(variants(c) for c in nexts)}][^{char}]{rest}"]
+        for c in nexts:
+            tails = tuple(p[1:] for p in prefixes if p[0] == c)
+            if "" not in tails:  # a whole prefix: the value is a placeholder
+                options.append(f"[{variants(c)}]{node(tails, depth + 1)}")
+        return "(?:" + "|".join(options) + ")"
+
+    return node(prefixes, 0)
+
+
 def _candidate_patterns(digits: str) -> tuple[str, ...]:
     """The candidate pattern of each kind (in `_KINDS` order), `digits` being the digit class."""
     d = f"[{digits}]"
@@ -264,7 +287,9 @@ def _candidate_patterns(digits: str) -> tuple[str, ...]:
             r"|client[_-]?secret|private[_-]?key"
         )
         + rf")|{_LONG_S}(?i:ecret(?:[_-]?key)?))"
-        + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?[^\t-\r \"'<>`]{{8}}"
+        + rf"\b[\"']?{_S}*[:=]{_S}*[\"']?"
+        # A value: 8 or more characters, not one of the placeholders that open with a marker.
+        + _not_starting_with(_PLACEHOLDER_PREFIXES, "\\t-\\r \"'<>`", 8)
     )
     email = (
         r"(?:[^A-Za-z0-9_.%+-]|^)([A-Za-z0-9][A-Za-z0-9._%+-]*@"
@@ -301,15 +326,12 @@ class _Kind:
     label: Detector
     exact: re.Pattern[str]
     valid: Callable[[re.Match[str]], bool]
-    #: False: matches are taken as `finditer` takes them, never overlapping (a long assigned value
-    #: is read once, not once per keyword inside it).
-    overlapping: bool = True
 
 
 #: In `_candidate_patterns` order; findings are reported in this order of labels.
 _KINDS = (
     _Kind(Detector.SECRET, _SECRET, _any_match),
-    _Kind(Detector.SECRET, _SECRET_ASSIGNMENT, _assignment_valid, overlapping=False),
+    _Kind(Detector.SECRET, _SECRET_ASSIGNMENT, _assignment_valid),
     _Kind(Detector.EMAIL, _EMAIL, _any_match),
     _Kind(Detector.PAYMENT_CARD, _CARD, _card_valid),
     _Kind(Detector.IBAN, _IBAN, _iban_valid),
@@ -351,12 +373,13 @@ def _unicode_scanner() -> _Scanner:
     return _Scanner(_UNICODE_DIGITS)
 
 
-#: Look-alikes of one kind (candidates the exact pattern or check rejects) after which the text is
-#: read as `finditer` reads it (one pass of the exact pattern, resuming after each rejected match)
-#: instead of at every candidate start: a text full of card-like digit groups then costs what that
-#: one pass costs, not a few microseconds per digit. (Kinds whose matches never overlap are read
-#: that way from the start.)
+#: Look-alikes of one kind (candidates the exact pattern or check rejects, a rejected match counting
+#: once more per LOOKALIKE_CHARS characters it spans) after which the text is read as `finditer`
+#: reads it (one pass of the exact pattern, resuming after each rejected match) instead of at every
+#: candidate start: a text full of card-like digit groups then costs what that one pass costs, not
+#: a few microseconds per digit, and a long assigned value is not read again for each keyword in it.
 LOOKALIKE_BUDGET = 32
+LOOKALIKE_CHARS = 256
 
 
 class _Utf8Text:
@@ -392,13 +415,6 @@ class _Utf8Text:
         return self._byte
 
 
-def _next_start(kind: _Kind, match: re.Match[str] | None, start: int) -> int:
-    """Where the next match may start after the one at `start` was rejected (or was not there)."""
-    if match is None or kind.overlapping:
-        return start + 1
-    return max(match.end(), start + 1)
-
-
 def _found(kind: _Kind, candidate: Any, scan: _Utf8Text) -> bool:
     """Check the exact pattern at each candidate start of `kind`, in order, until one passes."""
     exact, valid = kind.exact, kind.valid
@@ -420,13 +436,12 @@ def _found(kind: _Kind, candidate: Any, scan: _Utf8Text) -> bool:
         match = exact.match(scan.text, char_start)
         if match is not None and valid(match):
             return True
-        rejected += 1
-        if rejected > LOOKALIKE_BUDGET and kind.overlapping:
+        rejected += 1 if match is None else 1 + (match.end() - char_start) // LOOKALIKE_CHARS
+        if rejected > LOOKALIKE_BUDGET:
             return any(valid(m) for m in exact.finditer(scan.text))
-        resume = _next_start(kind, match, char_start)
-        # From the character before: it may be the lead-in the next candidate's pattern consumes.
-        pos = scan.byte_offset(resume - 1)
-        floor = scan.byte_offset(resume)
+        # From this character: it may be the lead-in the next candidate's pattern consumes.
+        pos = start
+        floor = scan.byte_offset(char_start + 1)
 
 
 def detect(text: str, enabled: Mapping[Detector, Any] | None = None) -> list[Detector]:
@@ -454,7 +469,7 @@ def reference_detect(text: str, every_start: bool = True) -> list[Detector]:
     """The specification, slowly: the exact patterns alone, no RE2 and no shortcut.
 
     every_start=True: a detector fires when its pattern, tried at every position, matches there
-    and the match passes its check (secret assignments never overlap: see `_Kind.overlapping`).
+    and the match passes its check.
     every_start=False: only the matches `finditer` returns are checked, so a rejected match hides
     any other that starts inside it (how the detectors read text before the RE2 pass).
     `detect` gives the first whenever no detector meets more than LOOKALIKE_BUDGET look-alikes,
@@ -468,13 +483,11 @@ def reference_detect(text: str, every_start: bool = True) -> list[Detector]:
             if any(kind.valid(m) for m in kind.exact.finditer(text)):
                 found.add(kind.label)
             continue
-        start = 0
-        while start < len(text):
+        for start in range(len(text)):
             match = kind.exact.match(text, start)
             if match is not None and kind.valid(match):
                 found.add(kind.label)
                 break
-            start = _next_start(kind, match, start)
     return [label for label in _LABELS if label in found]
 
 
