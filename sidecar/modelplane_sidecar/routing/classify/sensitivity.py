@@ -3,10 +3,10 @@
 Each detector is a precompiled regular expression plus a checksum or range check that removes the
 usual false positives (Luhn for payment cards, mod-97 for IBANs, the never-issued ranges of US
 SSNs, octet ranges for IPv4, a parser for IPv6). These exact patterns and checks are the
-specification: a detector fires when one of its pattern's matches in the text (as `finditer`
-finds them) passes the check. Routing needs presence, not a count, so a detector stops at its
-first valid finding. The result never holds the sensitive values themselves, only labels, so it
-is safe to log and to return from the explain endpoint.
+specification: a detector fires when its pattern, tried at any position of the text, matches
+there and the match passes the check. Routing needs presence, not a count, so a detector stops
+at its first valid finding. The result never holds the sensitive values themselves, only labels,
+so it is safe to log and to return from the explain endpoint.
 
 Running a dozen backtracking patterns over a long prompt costs milliseconds (Python's engine
 tries each pattern at every position, and code, logs and JSON are dense with digits), and this
@@ -15,8 +15,10 @@ runs on the event loop. So the text is scanned once by RE2, a linear-time automa
 ASCII word classes where looser is safe), so every exact match also starts a candidate. Only the
 detectors with a candidate are looked at further: RE2 finds their candidates' start positions and
 the exact pattern and check run there. Typical prompts have no candidate at all, and a 16 kB
-prompt costs tens of microseconds whatever it holds. `reference_detect` is the specification
-without the shortcut; `tests/routing/test_sensitivity.py` checks that both always agree.
+prompt costs tens of microseconds whatever it holds. A text full of look-alikes (candidates the
+check rejects) is read with one `finditer` pass per detector past LOOKALIKE_BUDGET of them.
+`reference_detect` is the specification without the shortcut; `tests/routing/test_sensitivity.py`
+checks that `detect` agrees with it.
 """
 
 from __future__ import annotations
@@ -214,11 +216,12 @@ def _assignment_valid(match: re.Match[str]) -> bool:
 #  * a lookbehind "not preceded by X" becomes a consumed `(?:[^X]|^)` with X's ASCII part only
 #    (RE2's classes are ASCII; a looser exclusion admits more, never fewer);
 #  * `\d` (any Unicode decimal digit in Python) becomes `\p{Nd}`, or 0-9 for a text with no other
-#    digit; `\s` becomes Python's exact
-#    whitespace set; `\b` stays next to an ASCII letter (there RE2's ASCII `\b` holds wherever
-#    Python's does), but a word that Python's "(?i)s" lets start with U+017F, a letter RE2's `\b`
-#    does not see as one, also gets an alternative starting with that letter and no `\b`;
-#  * lookaheads, upper bounds and checksums are dropped;
+#    digit; `\s` becomes Python's exact whitespace set; `\b` stays next to an ASCII letter (there
+#    RE2's ASCII `\b` holds wherever Python's does), but a word that Python's "(?i)s" lets start
+#    with U+017F, a letter RE2's `\b` does not see as one, also gets an alternative starting with
+#    that letter and no `\b`;
+#  * lookaheads, upper bounds and checksums are dropped; what a check always rejects may be left
+#    out (card numbers not starting 2-6, phones under 8 digits, placeholder assignment values);
 #  * case-insensitive words spell out the letters Python also folds to "i" (U+0130, U+0131).
 
 #: Python's `\s` (str.isspace), exactly.
