@@ -27,7 +27,6 @@ from .auditing import AuditTrail, RequestEnd
 from .cache import STATE_HEADER, CachedResponse, CachePlan, CacheState, replay_frames
 from .config import RetryOn
 from .errors import ApiError
-from .idle import IdleTimeout
 from .metrics import Outcome, SidecarMetrics
 from .pool import ReplicaState
 from .providers.base import (
@@ -41,6 +40,7 @@ from .providers.base import (
 from .routing import RouteDecision, RoutedRequest
 from .runtime import EndpointRuntime, Snapshot
 from .spend import BudgetRefusal, Hold, SpendTracker, plan_call
+from .timeouts import AttemptTimeouts, IdleTimeout
 
 _RETRY_CLASS = {
     FailureKind.CONNECT: RetryOn.CONNECT,
@@ -159,7 +159,7 @@ class Exchange:
 
 @functools.lru_cache(maxsize=256)
 def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """aiohttp's timeout for one attempt: it bounds connecting only (`asyncio.timeout` bounds the
+    """aiohttp's timeout for one attempt: it bounds connecting only (`AttemptTimeouts` bounds the
     whole attempt). One object per configured value instead of one per request."""
     return aiohttp.ClientTimeout(sock_connect=seconds)
 
@@ -195,6 +195,7 @@ class Forwarder:
         self._jitter = jitter
         self._audit = audit
         self._replica_rng = random.Random()
+        self._timeout = AttemptTimeouts()
 
     async def forward(self, ex: Exchange) -> web.StreamResponse:
         try:
@@ -446,7 +447,7 @@ class Forwarder:
         endpoint.state.stats.note_request(ex.decision.input_tokens)
         sent = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout):
+            with self._timeout(timeout):
                 async with self._session.request(
                     req.method,
                     url,
@@ -493,7 +494,7 @@ class Forwarder:
         endpoint.state.stats.note_request(ex.decision.input_tokens)
         sent = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout):
+            with self._timeout(timeout):
                 resp = await self._session.request(
                     req.method,
                     url,

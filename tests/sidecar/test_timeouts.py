@@ -1,6 +1,7 @@
-"""IdleTimeout: a stream's idle deadline that moves with every chunk, with asyncio.timeout's
-semantics (TimeoutError after `idle` seconds of silence; an outside cancellation stays one), and
-end to end: a stream whose upstream goes silent ends with an error event."""
+"""Timeouts of the request path with asyncio.timeout's semantics (TimeoutError when the time
+is up, never early; an outside cancellation stays one): attempt deadlines sharing one loop
+timer, a stream's idle deadline that moves with every chunk; and end to end, a stream whose
+upstream goes silent ends with an error event."""
 
 from __future__ import annotations
 
@@ -10,7 +11,56 @@ import openai
 import pytest
 from harness import Upstreams, chain_config, endpoint
 
-from modelplane_sidecar.idle import IdleTimeout
+from modelplane_sidecar.timeouts import AttemptTimeouts, IdleTimeout
+
+
+async def _run_for(timeouts: AttemptTimeouts, limit: float, work: float) -> str:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with timeouts(limit):
+            await asyncio.sleep(work)
+    except TimeoutError:
+        assert loop.time() - started >= limit, "a deadline never fires early"
+        return "timeout"
+    return "done"
+
+
+async def test_attempt_deadlines_fire_for_the_late_ones_only() -> None:
+    timeouts = AttemptTimeouts()
+    results = await asyncio.gather(
+        _run_for(timeouts, 0.3, 0.01),
+        _run_for(timeouts, 0.3, 0.6),
+        _run_for(timeouts, 0.3, 0.05),
+        _run_for(timeouts, 0.3, 0.6),
+    )
+    assert results == ["done", "timeout", "done", "timeout"]
+
+
+async def test_a_shorter_deadline_started_later_fires_first() -> None:
+    timeouts = AttemptTimeouts()
+    long = asyncio.create_task(_run_for(timeouts, 5.0, 0.4))
+    await asyncio.sleep(0.02)
+    assert await _run_for(timeouts, 0.05, 5.0) == "timeout"
+    assert not long.done()
+    assert await long == "done"
+
+
+async def test_an_attempt_deadline_cancelled_from_outside_stays_cancelled() -> None:
+    timeouts = AttemptTimeouts()
+    entered = asyncio.Event()
+
+    async def attempt() -> None:
+        with timeouts(10):
+            entered.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(attempt())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _run_for(timeouts, 0.05, 1) == "timeout", "the shared timer still works"
 
 
 async def test_chunks_keep_the_deadline_moving() -> None:
