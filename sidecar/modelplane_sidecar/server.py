@@ -205,7 +205,9 @@ class Sidecar:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent",),
+            # Our own User-Agent rather than aiohttp's, and not `skip_auto_headers`, which
+            # rebuilds the request's header set on every call (~2 us).
+            headers={"user-agent": _USER_AGENT},
         )
         self._forwarder = Forwarder(self._session, self.metrics, audit=self.audit, spend=self.spend)
         # Self-hosted pools whose load this sidecar reads itself (standalone mode).
@@ -543,6 +545,7 @@ def create_app(
 _HARD_BODY_LIMIT = 512 * 1024 * 1024 + 1
 
 HOLDER_KEY = web.AppKey("holder", ConfigHolder)
+_USER_AGENT = "modelplane-sidecar"
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
 
 

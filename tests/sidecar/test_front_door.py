@@ -39,6 +39,8 @@ def test_chat_sync_routes_alias_to_endpoint_model_with_headers(upstreams: Upstre
     assert sent.body["model"] == "primary-model"
     # The app's placeholder key is replaced by the endpoint's own credential.
     assert sent.headers["Authorization"] == "Bearer sk-upstream-secret-1"
+    # The router names itself; neither the app's client nor the HTTP library shows upstream.
+    assert sent.headers["User-Agent"] == "modelplane-sidecar"
 
 
 async def test_chat_async_and_usage_metrics(upstreams: Upstreams) -> None:
