@@ -40,7 +40,7 @@ from .providers.base import (
 from .routing import RouteDecision, RoutedRequest
 from .runtime import EndpointRuntime, Snapshot
 from .spend import BudgetRefusal, Hold, SpendTracker, plan_call
-from .timeouts import AttemptTimeouts, IdleTimeout
+from .timeouts import Timeouts
 
 _RETRY_CLASS = {
     FailureKind.CONNECT: RetryOn.CONNECT,
@@ -159,7 +159,7 @@ class Exchange:
 
 @functools.lru_cache(maxsize=256)
 def _connect_timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """aiohttp's timeout for one attempt: it bounds connecting only (`AttemptTimeouts` bounds the
+    """aiohttp's timeout for one attempt: it bounds connecting only (`Timeouts` bounds the
     whole attempt). One object per configured value instead of one per request."""
     return aiohttp.ClientTimeout(sock_connect=seconds)
 
@@ -195,7 +195,7 @@ class Forwarder:
         self._jitter = jitter
         self._audit = audit
         self._replica_rng = random.Random()
-        self._timeout = AttemptTimeouts()
+        self._timeout = Timeouts()
 
     async def forward(self, ex: Exchange) -> web.StreamResponse:
         try:
@@ -585,7 +585,7 @@ class Forwarder:
             series.ttft(ex.decision.alias.name).observe(ttft)
             broken: UpstreamFailure | None = None
             try:
-                async with IdleTimeout(idle) as idle_timer:
+                with self._timeout(idle) as idle_timer:
                     while True:
                         chunk = await upstream.content.readany()
                         if not chunk:

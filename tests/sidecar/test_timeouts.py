@@ -1,7 +1,7 @@
-"""Timeouts of the request path with asyncio.timeout's semantics (TimeoutError when the time
-is up, never early; an outside cancellation stays one): attempt deadlines sharing one loop
-timer, a stream's idle deadline that moves with every chunk; and end to end, a stream whose
-upstream goes silent ends with an error event."""
+"""Timeouts of the request path, all on one loop timer, with asyncio.timeout's semantics
+(TimeoutError when the time is up, never early; an outside cancellation stays one): attempt
+deadlines, a stream's idle deadline that `touch()` restarts with every chunk; and end to end, a
+stream whose upstream goes silent ends with an error event."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import openai
 import pytest
 from harness import Upstreams, chain_config, endpoint
 
-from modelplane_sidecar.timeouts import AttemptTimeouts, IdleTimeout
+from modelplane_sidecar.timeouts import Timeouts
 
 
-async def _run_for(timeouts: AttemptTimeouts, limit: float, work: float) -> str:
+async def _run_for(timeouts: Timeouts, limit: float, work: float) -> str:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -27,7 +27,7 @@ async def _run_for(timeouts: AttemptTimeouts, limit: float, work: float) -> str:
 
 
 async def test_attempt_deadlines_fire_for_the_late_ones_only() -> None:
-    timeouts = AttemptTimeouts()
+    timeouts = Timeouts()
     results = await asyncio.gather(
         _run_for(timeouts, 0.3, 0.01),
         _run_for(timeouts, 0.3, 0.6),
@@ -38,7 +38,7 @@ async def test_attempt_deadlines_fire_for_the_late_ones_only() -> None:
 
 
 async def test_a_shorter_deadline_started_later_fires_first() -> None:
-    timeouts = AttemptTimeouts()
+    timeouts = Timeouts()
     long = asyncio.create_task(_run_for(timeouts, 5.0, 0.4))
     await asyncio.sleep(0.02)
     assert await _run_for(timeouts, 0.05, 5.0) == "timeout"
@@ -47,7 +47,7 @@ async def test_a_shorter_deadline_started_later_fires_first() -> None:
 
 
 async def test_an_attempt_deadline_cancelled_from_outside_stays_cancelled() -> None:
-    timeouts = AttemptTimeouts()
+    timeouts = Timeouts()
     entered = asyncio.Event()
 
     async def attempt() -> None:
@@ -65,36 +65,32 @@ async def test_an_attempt_deadline_cancelled_from_outside_stays_cancelled() -> N
 
 async def test_chunks_keep_the_deadline_moving() -> None:
     """Ten chunks 20 ms apart take far longer than the 80 ms idle limit, but none is late."""
-    async with IdleTimeout(0.08) as idle:
+    timeouts = Timeouts()
+    with timeouts(0.08) as idle:
         for _ in range(10):
             await asyncio.sleep(0.02)
             idle.touch()
     assert not idle.expired
 
 
-async def test_silence_longer_than_idle_raises_timeout_error() -> None:
-    with pytest.raises(TimeoutError):
-        async with IdleTimeout(0.05) as idle:
+async def test_touching_one_deadline_leaves_the_others_of_its_length_on_time() -> None:
+    timeouts = Timeouts()
+    silent = asyncio.create_task(_run_for(timeouts, 0.1, 5.0))
+    with timeouts(0.1) as idle:
+        for _ in range(10):
+            await asyncio.sleep(0.03)
             idle.touch()
-            await asyncio.sleep(10)
+    assert await silent == "timeout"
+
+
+async def test_silence_longer_than_idle_raises_timeout_error() -> None:
+    timeouts = Timeouts()
+    with pytest.raises(TimeoutError), timeouts(0.05) as idle:
+        idle.touch()
+        await asyncio.sleep(10)
     assert idle.expired
     current = asyncio.current_task()
     assert current is not None and current.cancelling() == 0
-
-
-async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
-    entered = asyncio.Event()
-
-    async def stream() -> None:
-        async with IdleTimeout(10):
-            entered.set()
-            await asyncio.sleep(10)
-
-    task = asyncio.create_task(stream())
-    await entered.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 def test_upstream_silent_mid_stream_ends_with_error_event(upstreams: Upstreams) -> None:
