@@ -14,6 +14,10 @@ The proxies get a core of their own so the one under test is what saturates; onl
 loaded at a time. Prints one side-by-side table, the added latency against direct, and the RSS of
 each process after the load. Needs `wrk` on PATH (bench/run.sh installs it from Debian).
 
+With `--compare REV` the sidecar as it was at git revision REV runs beside the current one
+(target `before`, its own process on the proxies' core, the same CLI), so a change is measured
+against its baseline in the same run.
+
 Run: .venv/bin/python bench/bench_proxy.py   (or `make bench`)
 """
 
@@ -55,6 +59,8 @@ end
 """
 
 TARGETS = ("direct", "bare", "sidecar")
+#: With --compare: the sidecar at another git revision, measured just before the current one.
+BEFORE = "before"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -123,6 +129,17 @@ models:
 """
 
 
+def sidecar_at(rev: str, into: Path) -> Path:
+    """The sidecar package as it was at git revision `rev`, unpacked below `into` (for
+    PYTHONPATH: it shadows the installed working tree's package)."""
+    archive = subprocess.run(
+        ["git", "archive", rev, "sidecar"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "sidecar"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,11 +190,23 @@ class Proc:
                 self.popen.wait(timeout=5)
 
 
-def start(name: str, argv: list[str], port: int, cpu: int | None, logdir: Path) -> Proc:
+def start(
+    name: str,
+    argv: list[str],
+    port: int,
+    cpu: int | None,
+    logdir: Path,
+    env: dict[str, str] | None = None,
+) -> Proc:
     log = logdir / f"{name}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pinned(cpu), cwd=ROOT
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pinned(cpu),
+            cwd=ROOT,
+            env=env,
         )
     return Proc(name, popen, port, log)
 
@@ -351,6 +380,11 @@ def main() -> int:
         help="chat: short prompt; stream: the same, streamed; chat16k: a 16 KB prompt of prose, "
         "code and log lines (first concurrency only)",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run the sidecar as it was at this git revision (target 'before')",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args()
@@ -410,18 +444,29 @@ def main() -> int:
             workdir,
         )
         procs.append(sidecar)
-        for p in procs:
-            wait_listening(p)
         ports = {"direct": up_port, "bare": bare_port, "sidecar": side_port}
         by_target = {"direct": upstream, "bare": bare, "sidecar": sidecar}
         models = {"direct": "gpt-4o-mini", "bare": "gpt-4o-mini", "sidecar": "bench"}
+        targets: tuple[str, ...] = TARGETS
+        if args.compare:
+            ports[BEFORE] = before_port = free_port()
+            env = {**os.environ, "PYTHONPATH": str(sidecar_at(args.compare, workdir / "rev"))}
+            argv = [modelplane, "serve", "--config", str(config), "--port", str(before_port)]
+            by_target[BEFORE] = start(
+                BEFORE, [*argv, "--log-level", "warning"], before_port, proxy_cpu, workdir, env
+            )
+            procs.append(by_target[BEFORE])
+            models[BEFORE] = "bench"
+            targets = ("direct", "bare", BEFORE, "sidecar")
+        for p in procs:
+            wait_listening(p)
 
         results: list[Result] = []
         cells: list[tuple[str, int]] = []
         for mode in args.modes:
             stream, prompt, every_concurrency = MODES[mode]
             files: dict[str, tuple[Path, Path]] = {}
-            for target in TARGETS:
+            for target in targets:
                 body = request_body(models[target], stream, prompt)
                 smoke(ports[target], body, stream, target)
                 body_file = workdir / f"{mode}-{target}.json"
@@ -432,7 +477,7 @@ def main() -> int:
                 run_wrk(ports[target], script, 8, 1, load_cpu)  # warm-up
             for conc in args.concurrency if every_concurrency else args.concurrency[:1]:
                 cells.append((mode, conc))
-                for target in TARGETS:
+                for target in targets:
                     body_file, script = files[target]
                     print(f"  {mode:<6} c={conc:<3} {target:<8} ...", file=sys.stderr, flush=True)
                     r = Result(mode, conc, target)
@@ -473,8 +518,17 @@ def main() -> int:
                 f"request, one core serves {s_core:.0f} vs {b_core:.0f} req/s "
                 f"({s_core / b_core:.0%})"
             )
+            if BEFORE in cell:
+                was = cell[BEFORE].wrk["cpu_us_per_req"]
+                print(
+                    f"{'':<7} {'':<5} sidecar vs before ({args.compare}): CPU per request "
+                    f"{was:.0f} -> {s['cpu_us_per_req']:.0f} us "
+                    f"({s['cpu_us_per_req'] / was - 1:+.0%})"
+                )
         print()
-        for name in ("sidecar", "bare", "upstream"):
+        for name in ("sidecar", BEFORE, "bare", "upstream"):
+            if name not in memory:
+                continue
             m = memory[name]
             print(
                 f"memory after load  {name:<8} RSS {m['VmRSS']:5.1f} MB  (own/anonymous "
