@@ -23,6 +23,7 @@ class Timeouts:
     """Deadlines of the request path, all on one loop timer (one instance per event loop)."""
 
     def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Running deadlines by length, each dict in the order they end.
         self._running: dict[float, dict[Deadline, None]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -36,6 +37,10 @@ class Timeouts:
     def _start(self, deadline: Deadline) -> None:
         """Run `deadline` from now: at the end of its length's order."""
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Another event loop than before (an app started again): the deadlines and the
+            # timer of the old one went with it.
+            self._loop, self._running, self._timer = loop, {}, None
         deadline.when = when = loop.time() + deadline.seconds
         running = self._running.get(deadline.seconds)
         if running is None:

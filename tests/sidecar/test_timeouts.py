@@ -63,6 +63,21 @@ async def test_an_attempt_deadline_cancelled_from_outside_stays_cancelled() -> N
     assert await _run_for(timeouts, 0.05, 1) == "timeout", "the shared timer still works"
 
 
+def test_one_timeouts_serves_event_loops_one_after_another() -> None:
+    timeouts = Timeouts()
+
+    async def late_attempt() -> str:
+        return await _run_for(timeouts, 0.05, 5.0)
+
+    async def left_running() -> None:
+        # A deadline whose loop ends before its timer fires (the block is never left).
+        timeouts(0.01).__enter__()
+
+    asyncio.run(left_running())
+    assert asyncio.run(late_attempt()) == "timeout"
+    assert asyncio.run(late_attempt()) == "timeout"
+
+
 async def test_chunks_keep_the_deadline_moving() -> None:
     """Ten chunks 20 ms apart take far longer than the 80 ms idle limit, but none is late."""
     timeouts = Timeouts()
