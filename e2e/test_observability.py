@@ -13,6 +13,7 @@ import os
 import signal
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -144,6 +145,12 @@ def test_operator_and_sidecar_metrics_and_the_audit_trail_in_cluster_mode(
         assert _value(side, "modelplane_requests_total", model="chat", outcome="ok") == 1
         assert _value(side, "modelplane_classifier_hits_total", label="email") == 1
         assert EMAIL not in side
+        # The trail is written in batches off the event loop: wait (bounded) until the request's
+        # record is on disk, so a slow shutdown on a loaded machine cannot race the assertion.
+        for _ in range(100):
+            if audit.exists() and b'"type":"request"' in audit.read_bytes():
+                break
+            time.sleep(0.05)
     finally:
         sidecar.stop(signal.SIGTERM)
         operator.stop()
