@@ -515,6 +515,11 @@ class CachePolicy(_Model):
     stale_seconds: float = Field(default=86400.0, ge=0, le=30 * 86400)
     #: Larger answers are not cached.
     max_entry_bytes: int = Field(default=1024 * 1024, ge=256, le=64 * 1024 * 1024)
+    #: Identical cacheable requests that arrive while one is in flight upstream wait for its
+    #: answer instead of calling upstream too (request coalescing, single flight).
+    coalesce: bool = True
+    #: How many requests may wait for one in flight; more call upstream themselves.
+    coalesce_max_waiters: int = Field(default=64, ge=1, le=10_000)
 
 
 class RedisCache(_Model):
