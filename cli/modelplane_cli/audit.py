@@ -103,7 +103,12 @@ class _Inputs:
 def verify(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from modelplane_sidecar.audit import load_public_key, read_anchors, verify_lines
+    from modelplane_sidecar.audit import (
+        load_public_key,
+        public_key_text,
+        read_anchors,
+        verify_lines,
+    )
 
     path = args.file
     inputs = _Inputs()
@@ -134,6 +139,8 @@ def verify(args: argparse.Namespace) -> int:
             "unsignedTail": report.unsigned_tail,
             "publicKey": report.public_key,
             "pinned": pinned is not None,
+            "pinnedKey": public_key_text(pinned) if pinned is not None else None,
+            "foreignKeys": sorted(set(report.foreign_keys)),
             "anchors": len(anchors),
             "skippedLines": report.skipped,
             "problems": report.problems,
@@ -153,8 +160,15 @@ def verify(args: argparse.Namespace) -> int:
     signer = "the pinned key" if pinned is not None else "the key each chain announces"
     if report.ok:
         print(f"{summary}: intact; checkpoints verified with {signer}")
+    elif report.foreign_keys:
+        print(
+            f"{summary}: NOT SIGNED BY THE PINNED KEY ({len(report.problems)} problem(s)); "
+            f"pinned {public_key_text(pinned) if pinned is not None else '-'}, the file "
+            f"announces {', '.join(sorted(set(report.foreign_keys)))}"
+        )
     else:
         print(f"{summary}: TAMPERED ({len(report.problems)} problem(s))")
+    if not report.ok:
         for problem in report.problems:
             print(f"  - {problem}")
     for warning in report.warnings:
@@ -205,6 +219,41 @@ def keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def public_key(args: argparse.Namespace) -> int:
+    """Print the public half of a signing key, e.g. one read back from its Secret."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from modelplane_sidecar.audit import public_key_text
+
+    name = "stdin" if args.key == "-" else args.key
+    try:
+        pem = sys.stdin.buffer.read() if args.key == "-" else Path(args.key).read_bytes()
+        key = serialization.load_pem_private_key(pem, password=None)
+    except OSError as exc:
+        print(f"modelplane audit public-key: {name}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError):
+        print(
+            f"modelplane audit public-key: {name}: not an unencrypted PEM private key",
+            file=sys.stderr,
+        )
+        return 2
+    if not isinstance(key, Ed25519PrivateKey):
+        print(f"modelplane audit public-key: {name}: not an Ed25519 key", file=sys.stderr)
+        return 2
+    public = key.public_key()
+    if args.pem:
+        sys.stdout.write(
+            public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode()
+        )
+    else:
+        print(public_key_text(public))
+    return 0
+
+
 def add_audit_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="verify an audit log, or make a signing key")
     commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -241,3 +290,9 @@ def add_audit_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     make.add_argument("--out", required=True, help="private key file to create")
     make.add_argument("--public-out", help="also write the public key here (PEM)")
     make.set_defaults(func=keygen)
+    show = commands.add_parser(
+        "public-key", help="print the public key of a signing key (the value verifiers pin)"
+    )
+    show.add_argument("key", help="PEM private key file; '-': stdin (e.g. from kubectl)")
+    show.add_argument("--pem", action="store_true", help="print PEM instead of base64")
+    show.set_defaults(func=public_key)

@@ -73,18 +73,43 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(text_or_path: str) -> Ed25519PublicKey:
-    """A base64 raw key (as printed in the chain-start line) or a PEM file."""
+def _public_key_from_pem(pem: bytes, where: str) -> Ed25519PublicKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    if b"PRIVATE KEY" in pem:
+        raise ValueError(
+            f"{where} holds a private key: pin its public half (`modelplane audit public-key "
+            "FILE`), and keep the private key out of the verifier's hands"
+        )
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError:
+        raise ValueError(f"{where} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{where} is not an Ed25519 public key")
+    return key
+
+
+def load_public_key(text_or_path: str) -> Ed25519PublicKey:
+    """A base64 raw key (as printed in the chain-start line), a PEM file, or PEM text."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if text_or_path.lstrip().startswith("-----BEGIN"):
+        return _public_key_from_pem(text_or_path.encode(), "the PEM text")
     candidate = Path(text_or_path)
-    if candidate.exists():
-        key = serialization.load_pem_public_key(candidate.read_bytes())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"{text_or_path}: not an Ed25519 public key")
-        return key
-    return Ed25519PublicKey.from_public_bytes(base64.b64decode(text_or_path))
+    if candidate.is_file():
+        return _public_key_from_pem(candidate.read_bytes(), text_or_path)
+    try:
+        raw = base64.b64decode(text_or_path.strip(), validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(
+            f"{text_or_path!r} is neither a PEM file nor a base64 Ed25519 public key "
+            "(32 bytes, as `modelplane audit keygen` prints it)"
+        )
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 @dataclass
@@ -282,6 +307,8 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     #: Lines that are not audit entries, skipped in container-log mode.
     skipped: int = 0
+    #: Public keys chains announce that are not the pinned one (signed by another key).
+    foreign_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -345,6 +372,8 @@ def verify_lines(
     (stdout), as `kubectl logs` prints it.
     """
     signed: set[tuple[str, int, str]] = set()
+    pinned = public_key_text(public_key) if public_key is not None else None
+    foreign_keys: list[str] = []
     problems: list[str] = []
     warnings: list[str] = []
     chains: list[_ChainState] = []
@@ -410,6 +439,14 @@ def verify_lines(
             announced = entry.get("publicKey")
             if embedded is None and isinstance(announced, str):
                 embedded = announced
+            if pinned is not None and announced != pinned:
+                # Said once, at the chain's start: its checkpoints then fail one by one too.
+                foreign_keys.append(str(announced))
+                problems.append(
+                    f"line {number}: chain {state.chain_id!r} was signed with public key "
+                    f"{announced}, not the pinned key {pinned}: another signer wrote it (another "
+                    "sidecar's key, a key generated per run, or a forged chain)"
+                )
             if public_key is None and isinstance(announced, str):
                 try:
                     state.key = _public_key_from_raw(base64.b64decode(announced))
@@ -453,6 +490,7 @@ def verify_lines(
         chains=len(chains),
         warnings=warnings,
         skipped=skipped,
+        foreign_keys=foreign_keys,
     )
 
 

@@ -59,7 +59,14 @@ def test_a_pinned_key_rejects_a_chain_signed_by_another() -> None:
     lines += _chain_lines(1)
     pinned = load_public_key(public_key_text(mine.key.public_key()))
     report = verify_lines(lines, pinned)
-    assert report.problems == ["line 6: checkpoint signature is not valid"]
+    other = orjson.loads(lines[3])["publicKey"]
+    assert report.problems == [
+        f"line 4: chain {orjson.loads(lines[3])['chain']!r} was signed with public key {other}, "
+        f"not the pinned key {public_key_text(mine.key.public_key())}: another signer wrote it "
+        "(another sidecar's key, a key generated per run, or a forged chain)",
+        "line 6: checkpoint signature is not valid",
+    ]
+    assert report.foreign_keys == [other]
 
 
 def test_anchors_expose_a_cut_tail_and_foreign_chains_are_a_warning() -> None:

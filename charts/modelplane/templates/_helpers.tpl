@@ -112,6 +112,9 @@ app.kubernetes.io/component: operator
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) -}}
 {{- fail "operator.replicas > 1 needs operator.leaderElection.enabled=true: without a leader every replica would write status and grant budget leases" -}}
 {{- end -}}
+{{- if and .Values.sidecar.auditSigningKey.existingSecret (not .Values.sidecar.auditLog) -}}
+{{- fail "sidecar.auditSigningKey.existingSecret needs sidecar.auditLog=true: the key signs the audit trail" -}}
+{{- end -}}
 {{- if eq (int .Values.sidecar.port) (int .Values.sidecar.healthPort) -}}
 {{- fail "sidecar.port and sidecar.healthPort must differ" -}}
 {{- end -}}
@@ -170,6 +173,12 @@ app.kubernetes.io/component: operator
 - --sidecar-log-level={{ .Values.sidecar.logLevel }}
 {{- if not .Values.sidecar.auditLog }}
 - --no-sidecar-audit-log
+{{- end }}
+{{- with .Values.sidecar.auditSigningKey }}
+{{- if .existingSecret }}
+- --sidecar-audit-key-secret={{ .existingSecret }}
+- --sidecar-audit-key-secret-key={{ .key }}
+{{- end }}
 {{- end }}
 - --token-audience={{ .Values.operator.tokenAudience }}
 - --token-expiration-seconds={{ .Values.sidecar.tokenExpirationSeconds }}

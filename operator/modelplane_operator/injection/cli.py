@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .settings import (
+    AUDIT_KEY_FILE,
     DEFAULT_EXCLUDED_NAMESPACES,
+    AuditSigningKey,
     InjectionError,
     InjectionSettings,
     SidecarResources,
@@ -107,6 +109,18 @@ def add_webhook_arguments(parser: argparse.ArgumentParser, *, required: bool) ->
         action="store_false",
         help="injected sidecars write no audit trail (default: one record per request on stdout)",
     )
+    sidecar.add_argument(
+        "--sidecar-audit-key-secret",
+        metavar="NAME",
+        help="Secret, in each injected Pod's namespace, with the Ed25519 key the sidecar signs "
+        "its audit checkpoints with (mounted as a file; default: a new key per sidecar run)",
+    )
+    sidecar.add_argument(
+        "--sidecar-audit-key-secret-key",
+        default=AUDIT_KEY_FILE,
+        metavar="KEY",
+        help=f"the key of that Secret's data holding the PEM key (default: {AUDIT_KEY_FILE})",
+    )
     sidecar.add_argument("--token-audience", default="modelplane")
     sidecar.add_argument("--token-expiration-seconds", type=int, default=3600)
 
@@ -168,6 +182,11 @@ def settings_from_args(
         run_as_user=args.sidecar_run_as_user,
         log_level=args.sidecar_log_level,
         audit_log=args.sidecar_audit_log,
+        audit_signing_key=(
+            AuditSigningKey(args.sidecar_audit_key_secret, args.sidecar_audit_key_secret_key)
+            if args.sidecar_audit_key_secret
+            else None
+        ),
         excluded_namespaces=(
             DEFAULT_EXCLUDED_NAMESPACES if excluded is None else frozenset(excluded)
         ),

@@ -6,6 +6,8 @@ What the patch adds:
 - one projected volume with a ServiceAccount token for the `modelplane` audience and the operator's
   CA bundle (projected from an annotation through the Downward API, so no per-namespace ConfigMap
   has to exist), and a small emptyDir where the sidecar keeps its last-known-good config;
+- with an audit signing key configured, that Secret (of the Pod's namespace) as a volume mounted
+  read-only into the sidecar container alone, and `--audit-key` pointing at the file;
 - to every app container, unless the container sets them itself: the OpenAI and Anthropic base
   URLs pointing at the sidecar on 127.0.0.1, and placeholder API keys, so stock SDKs route through
   the sidecar unchanged;
@@ -23,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .settings import (
+    AUDIT_KEY_DIR,
+    AUDIT_KEY_FILE,
+    AUDIT_KEY_VOLUME,
     CA_BUNDLE_ANNOTATION,
     CA_FILE,
     INJECTED_ANNOTATION,
@@ -114,6 +119,11 @@ def sidecar_container(spec: SidecarSpec, settings: InjectionSettings) -> dict[st
             "--log-level",
             settings.log_level,
             *(("--audit-log", "-") if settings.audit_log else ()),
+            *(
+                ("--audit-key", f"{AUDIT_KEY_DIR}/{AUDIT_KEY_FILE}")
+                if settings.audit_signing_key is not None
+                else ()
+            ),
         ],
         "env": [
             {
@@ -151,6 +161,11 @@ def sidecar_container(spec: SidecarSpec, settings: InjectionSettings) -> dict[st
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+            *(
+                [{"name": AUDIT_KEY_VOLUME, "mountPath": AUDIT_KEY_DIR, "readOnly": True}]
+                if settings.audit_signing_key is not None
+                else []
+            ),
         ],
     }
 
@@ -182,9 +197,37 @@ def state_volume() -> dict[str, Any]:
     return {"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}}
 
 
-def _check_conflicts(spec: Mapping[str, Any], sidecar: SidecarSpec) -> None:
+def audit_key_volume(settings: InjectionSettings) -> list[dict[str, Any]]:
+    """The signing key Secret as a volume (none without a configured key).
+
+    Not optional: without the Secret the kubelet does not start the Pod and its Events name the
+    Secret, rather than the sidecar silently signing with a key nobody pinned. Only the sidecar
+    container mounts the volume, so app containers never see the file; it is world-readable
+    (0444) inside that mount because the kubelet makes Secret files root-owned and the sidecar
+    runs as a non-root uid without the Pod having to set an fsGroup.
+    """
+    key = settings.audit_signing_key
+    if key is None:
+        return []
+    return [
+        {
+            "name": AUDIT_KEY_VOLUME,
+            "secret": {
+                "secretName": key.secret_name,
+                "items": [{"key": key.key, "path": AUDIT_KEY_FILE, "mode": 0o444}],
+            },
+        }
+    ]
+
+
+def _check_conflicts(
+    spec: Mapping[str, Any], sidecar: SidecarSpec, settings: InjectionSettings
+) -> None:
+    reserved = {TOKEN_VOLUME, STATE_VOLUME}
+    if settings.audit_signing_key is not None:
+        reserved.add(AUDIT_KEY_VOLUME)
     for volume in spec.get("volumes") or []:
-        if volume.get("name") in (TOKEN_VOLUME, STATE_VOLUME):
+        if volume.get("name") in reserved:
             raise InjectionError(
                 f"the Pod already has a volume named {volume['name']}, which the modelplane "
                 "sidecar needs; rename it"
@@ -236,7 +279,7 @@ def build_patch(
 ) -> Injection:
     """The patch injecting `sidecar` into `pod`; raises `InjectionError` on a conflict."""
     spec = pod.get("spec") or {}
-    _check_conflicts(spec, sidecar)
+    _check_conflicts(spec, sidecar, settings)
     patch: JsonPatch = []
     init_containers = spec.get("initContainers")
     container = sidecar_container(sidecar, settings)
@@ -245,7 +288,9 @@ def build_patch(
     else:
         patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
     patch += _add_list_items(
-        ("spec", "volumes"), spec.get("volumes"), [token_volume(settings), state_volume()]
+        ("spec", "volumes"),
+        spec.get("volumes"),
+        [token_volume(settings), state_volume(), *audit_key_volume(settings)],
     )
     if not spec.get("serviceAccountName") and not spec.get("serviceAccount"):
         # The apiserver refuses a projected token without a ServiceAccount. Clusters normally

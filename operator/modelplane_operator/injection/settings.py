@@ -42,6 +42,10 @@ TOKEN_DIR = "/var/run/modelplane"
 STATE_DIR = "/var/lib/modelplane"
 TOKEN_FILE = "token"
 CA_FILE = "ca.crt"
+#: The audit signing key (a Secret in the Pod's namespace), mounted into the sidecar only.
+AUDIT_KEY_VOLUME = "modelplane-audit-key"
+AUDIT_KEY_DIR = "/var/run/modelplane-audit"
+AUDIT_KEY_FILE = "signing-key.pem"
 
 DEFAULT_EXCLUDED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
@@ -51,6 +55,9 @@ _QUANTITY = re.compile(
     r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 )
 _IMAGE = re.compile(r"^[^\s]+$")
+# A Secret's name (DNS-1123 subdomain) and a key of its data, as the apiserver checks them.
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 # The kubelet refuses shorter-lived projected tokens.
 _MIN_TOKEN_SECONDS = 600
@@ -95,6 +102,32 @@ class SidecarResources:
 
 
 @dataclass(frozen=True)
+class AuditSigningKey:
+    """A Secret, in each injected Pod's namespace, holding the sidecar's audit signing key.
+
+    The platform team creates it (`modelplane audit keygen`) and publishes its public half;
+    verifiers pin that (`modelplane audit verify --public-key`). The kubelet mounts it into the
+    sidecar container alone, as a file: never an environment variable, never in the Pod spec.
+    """
+
+    secret_name: str
+    #: The key of the Secret's data holding the PEM (PKCS#8) Ed25519 private key.
+    key: str = AUDIT_KEY_FILE
+
+    def __post_init__(self) -> None:
+        if len(self.secret_name) > 253 or not _SECRET_NAME.match(self.secret_name):
+            raise InjectionError(
+                "the audit signing key Secret must be a Secret name (lower-case letters, "
+                f"digits, '-' and '.'), not {self.secret_name!r}"
+            )
+        if len(self.key) > 253 or not _SECRET_KEY.match(self.key):
+            raise InjectionError(
+                "the audit signing key's key in the Secret must be letters, digits, '-', '_' "
+                f"or '.', not {self.key!r}"
+            )
+
+
+@dataclass(frozen=True)
 class InjectionSettings:
     """Cluster-wide injection settings, validated on construction."""
 
@@ -111,6 +144,8 @@ class InjectionSettings:
     #: Injected sidecars write their audit trail to stdout (`--audit-log -`), for the cluster's
     #: log pipeline; their JSON logs go to stderr (docs/observability.md).
     audit_log: bool = True
+    #: A stable signing key for the audit checkpoints; None: each sidecar run makes its own.
+    audit_signing_key: AuditSigningKey | None = None
     excluded_namespaces: frozenset[str] = DEFAULT_EXCLUDED_NAMESPACES
 
     def __post_init__(self) -> None:
@@ -140,6 +175,11 @@ class InjectionSettings:
             )
         if self.run_as_user <= 0:
             raise InjectionError(f"the sidecar must run as a non-root uid, not {self.run_as_user}")
+        if self.audit_signing_key is not None and not self.audit_log:
+            raise InjectionError(
+                "an audit signing key Secret is set but the sidecar audit log is off: "
+                "turn the audit log on or drop the key"
+            )
         # Even if the chart's selectors are edited, kube-system is never injected.
         object.__setattr__(
             self, "excluded_namespaces", frozenset(self.excluded_namespaces) | {"kube-system"}
