@@ -94,6 +94,8 @@ def _operator(args: argparse.Namespace) -> int:
         replica = replica_settings_from_args(
             args, certificates.hosts[0] if certificates is not None else None
         )
+        if args.secret_resync_seconds <= 0:
+            raise ValueError("--secret-resync-seconds must be more than 0")
     except (InjectionError, ValueError) as exc:
         print(f"modelplane operator: {exc}", file=sys.stderr)
         return 2
@@ -108,6 +110,7 @@ def _operator(args: argparse.Namespace) -> int:
         webhook=webhook,
         audience=args.audience,
         debounce_seconds=args.debounce,
+        secret_resync_seconds=args.secret_resync_seconds,
         namespaces=tuple(args.namespace or ()),
         replica=replica,
     )
@@ -225,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     op.add_argument(
         "--namespace", action="append", help="watch only this namespace (repeatable; default: all)"
+    )
+    op.add_argument(
+        "--secret-resync-seconds",
+        type=float,
+        default=30.0,
+        help="seconds between re-reads of the Secrets resources reference (they are read by "
+        "name, never watched; a rotated key reaches sidecars within this; default: 30)",
     )
     op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_injection_arguments(op, required=False)

@@ -1,11 +1,17 @@
 """The reconcile loop behind the thin kopf handlers.
 
-Handlers only tell the controller what the API server said (`observe`, `secret_changed`). The
-controller keeps the latest body of every Modelplane object, and per namespace it debounces a
-burst of changes into one reconcile: read the referenced Secrets, call the pure compiler, publish
+Handlers only tell the controller what the API server said (`observe`). The controller keeps
+the latest body of every Modelplane object, and per namespace it debounces a burst of changes
+into one reconcile: read the referenced Secrets by name, call the pure compiler, publish
 the snapshot to the config hub, and write each object's status (observedGeneration, Ready,
 Applied, the sidecar counts) when it differs from what is there, with an Event on every Ready
 transition. Sidecar ACKs and NACKs only refresh the Applied part, at most once a second.
+
+Secrets are not watched (that would need list/watch on every Secret of the cluster, and would
+stream all their data into this process): the controller remembers the resourceVersion of each
+Secret a namespace's objects reference, and `resync_secrets` reads just those again every few
+seconds; a changed, created or deleted one schedules the namespace's reconcile, so a rotated API
+key reaches the sidecars within one resync interval.
 """
 
 from __future__ import annotations
@@ -147,6 +153,9 @@ class Controller:
         self._applied_pending: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._events: set[asyncio.Task[None]] = set()
+        #: namespace -> referenced Secret -> its resourceVersion when last read (None: missing).
+        self._secret_versions: dict[str, dict[str, str | None]] = {}
+        self._secret_resync: asyncio.Task[None] | None = None
         self._kinds = {k.kind: k for k in KINDS}
         #: EndpointSlices of referenced Services, template Deployments, the shared load scrape.
         self.selfhosted = SelfHosted(kube, hub)
@@ -174,14 +183,6 @@ class Controller:
         self._objects[key] = body
         if before is None or _relevant(before) != _relevant(body):
             self.schedule(key.namespace)
-
-    def secret_changed(self, namespace: str, name: str) -> None:
-        for key, body in self._objects.items():
-            if key.namespace != namespace:
-                continue
-            if name in secret_names(key.kind, body.get("spec") or {}):
-                self.schedule(namespace)
-                return
 
     def slice_changed(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """An EndpointSlice changed: recompile the namespaces whose endpoints use its Service."""
@@ -242,10 +243,16 @@ class Controller:
             by_kind[key.kind].append(Resource.from_body(body))
             referenced |= secret_names(key.kind, body.get("spec") or {})
         secrets: dict[str, dict[str, str]] = {}
+        versions: dict[str, str | None] = {}
         for name in sorted(referenced):
             secret = await self._kube.get_secret(namespace, name)
+            versions[name] = _resource_version(secret)
             if secret is not None:
                 secrets[name] = decode_secret(secret)
+        if versions:
+            self._secret_versions[namespace] = versions
+        else:
+            self._secret_versions.pop(namespace, None)
         self.budgets.sync(
             namespace,
             [
@@ -315,6 +322,49 @@ class Controller:
                 self._compiled.pop(namespace, None)
             await self._write_statuses(compiled)
             return compiled
+
+    # --- referenced Secrets, read again instead of watched ----------------------------------
+
+    async def resync_secrets(self) -> list[str]:
+        """Read every referenced Secret again; reconcile the namespaces where one changed.
+
+        Returns those namespaces. A read that fails is logged and tried on the next pass.
+        """
+        changed: list[str] = []
+        for namespace, versions in list(self._secret_versions.items()):
+            for name, known in list(versions.items()):
+                try:
+                    current = _resource_version(await self._kube.get_secret(namespace, name))
+                except (KubeError, OSError, TimeoutError) as exc:
+                    log.warning(
+                        "re-reading Secret %s/%s failed, trying again next resync: %s",
+                        namespace,
+                        name,
+                        exc,
+                    )
+                    continue
+                if current != known:
+                    log.info(
+                        "Secret %s/%s %s: recompiling the namespace",
+                        namespace,
+                        name,
+                        "deleted" if current is None else "changed",
+                        extra={"namespace": namespace},
+                    )
+                    changed.append(namespace)
+                    self.schedule(namespace)
+                    break
+        return changed
+
+    def start_secret_resync(self, interval_seconds: float) -> None:
+        """Run `resync_secrets` every `interval_seconds` until `close`."""
+
+        async def every_interval() -> None:
+            while True:
+                await asyncio.sleep(interval_seconds)
+                await self.resync_secrets()
+
+        self._secret_resync = asyncio.get_running_loop().create_task(every_interval())
 
     def _retry_later(self, namespace: str) -> None:
         async def later() -> None:
@@ -583,9 +633,18 @@ class Controller:
     async def close(self) -> None:
         await self.selfhosted.close()
         tasks = [*self._pending.values(), *self._applied_pending.values(), *self._events]
+        if self._secret_resync is not None:
+            tasks.append(self._secret_resync)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _resource_version(secret: Mapping[str, Any] | None) -> str | None:
+    """What tells a Secret changed without comparing its data (None: it does not exist)."""
+    if secret is None:
+        return None
+    return str((secret.get("metadata") or {}).get("resourceVersion", ""))
 
 
 def _without_times(status: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """kopf handlers: thin on purpose. Each one hands what the API server said to the Controller.
 
 There are no create/update/delete handlers, so kopf never writes finalizers or annotations to
-our objects or to Secrets; all writes (status, Events) go through the controller.
+our objects; all writes (status, Events) go through the controller. Secrets are deliberately not
+watched: the controller reads the referenced ones by name and re-reads them periodically
+(`Controller.resync_secrets`), so the operator needs only `get` on Secrets, never list/watch.
 """
 
 from __future__ import annotations
@@ -33,11 +35,6 @@ def build_registry(
         kopf.on.event(GROUP, VERSION, kind.plural, registry=registry, param=kind, id=kind.plural)(
             on_resource
         )
-
-    @kopf.on.event("", "v1", "secrets", registry=registry)
-    async def on_secret(event: kopf.RawEvent, **_: Any) -> None:
-        meta = event["object"].get("metadata", {})
-        controller.secret_changed(str(meta.get("namespace")), str(meta.get("name")))
 
     # Self-hosted models: the EndpointSlices of Services (the controller keeps only those that
     # ModelEndpoints reference) and the Deployments the operator runs for templates.

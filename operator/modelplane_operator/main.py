@@ -44,6 +44,8 @@ class OperatorOptions:
     port: int = 8443
     audience: str = "modelplane"
     debounce_seconds: float = 0.2
+    #: Seconds between re-reads of the referenced Secrets (they are not watched).
+    secret_resync_seconds: float = 30.0
     #: Namespaces to watch; empty: the whole cluster.
     namespaces: tuple[str, ...] = ()
     #: Leader election among several replicas; None: this process is the only writer.
@@ -104,6 +106,7 @@ async def run_operator(options: OperatorOptions) -> int:
         )
         replica.start()
     await stream.start(options.host, options.port, context)
+    controller.start_secret_resync(options.secret_resync_seconds)
     try:
         await kopf.operator(
             registry=build_registry(controller, credentials),

@@ -63,6 +63,12 @@ app.kubernetes.io/component: operator
 {{- printf "%s-%s-injector" (include "modelplane.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* Role(Binding) in each watched namespace: get the referenced Secrets. Carries the release
+namespace, as two releases may watch the same namespace. */}}
+{{- define "modelplane.secretReaderName" -}}
+{{- printf "%s-%s-secrets" (include "modelplane.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "modelplane.clusterRoleName" -}}
 {{- printf "%s-%s" (include "modelplane.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -139,6 +145,7 @@ app.kubernetes.io/component: operator
 {{- range .Values.operator.watchNamespaces }}
 - --namespace={{ . }}
 {{- end }}
+- --secret-resync-seconds={{ .Values.operator.secretResyncSeconds }}
 - --tls-namespace={{ .Release.Namespace }}
 - --tls-secret={{ include "modelplane.tlsSecretName" . }}
 - --tls-service={{ include "modelplane.streamServiceName" . }}
