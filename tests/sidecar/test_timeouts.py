@@ -27,22 +27,32 @@ async def _run_for(timeouts: Timeouts, limit: float, work: float) -> str:
 
 
 async def test_attempt_deadlines_fire_for_the_late_ones_only() -> None:
+    # A second of slack between the quick ones' work and their deadline: a loaded machine may
+    # stall the loop, and a stall past the deadline would let the timer fire first.
     timeouts = Timeouts()
     results = await asyncio.gather(
-        _run_for(timeouts, 0.3, 0.01),
-        _run_for(timeouts, 0.3, 0.6),
-        _run_for(timeouts, 0.3, 0.05),
-        _run_for(timeouts, 0.3, 0.6),
+        _run_for(timeouts, 1.0, 0.01),
+        _run_for(timeouts, 1.0, 30),
+        _run_for(timeouts, 1.0, 0.05),
+        _run_for(timeouts, 1.0, 30),
     )
     assert results == ["done", "timeout", "done", "timeout"]
 
 
 async def test_a_shorter_deadline_started_later_fires_first() -> None:
     timeouts = Timeouts()
-    long = asyncio.create_task(_run_for(timeouts, 5.0, 0.4))
+    finish = asyncio.Event()
+
+    async def long_attempt() -> str:
+        with timeouts(30.0):
+            await finish.wait()
+        return "done"
+
+    long = asyncio.create_task(long_attempt())
     await asyncio.sleep(0.02)
-    assert await _run_for(timeouts, 0.05, 5.0) == "timeout"
+    assert await _run_for(timeouts, 0.05, 30.0) == "timeout"
     assert not long.done()
+    finish.set()
     assert await long == "done"
 
 
@@ -79,21 +89,31 @@ def test_one_timeouts_serves_event_loops_one_after_another() -> None:
 
 
 async def test_chunks_keep_the_deadline_moving() -> None:
-    """Ten chunks 20 ms apart take far longer than the 80 ms idle limit, but none is late."""
+    """Chunks 20 ms apart for longer than the 0.5 s idle limit: none is late. (The limit leaves
+    the loop almost half a second of slack per chunk, for a loaded machine.)"""
+    loop = asyncio.get_running_loop()
     timeouts = Timeouts()
-    with timeouts(0.08) as idle:
-        for _ in range(10):
+    with timeouts(0.5) as idle:
+        started = loop.time()
+        for _ in range(1000):
+            if loop.time() - started > 0.8:
+                break
             await asyncio.sleep(0.02)
             idle.touch()
+    assert loop.time() - started > 0.5, "the chunks outlasted the idle limit"
     assert not idle.expired
 
 
 async def test_touching_one_deadline_leaves_the_others_of_its_length_on_time() -> None:
+    loop = asyncio.get_running_loop()
     timeouts = Timeouts()
-    silent = asyncio.create_task(_run_for(timeouts, 0.1, 5.0))
-    with timeouts(0.1) as idle:
-        for _ in range(10):
-            await asyncio.sleep(0.03)
+    silent = asyncio.create_task(_run_for(timeouts, 0.5, 30.0))
+    with timeouts(0.5) as idle:
+        started = loop.time()
+        for _ in range(1000):
+            if silent.done() and loop.time() - started > 0.8:
+                break
+            await asyncio.sleep(0.02)
             idle.touch()
     assert await silent == "timeout"
 
@@ -109,7 +129,8 @@ async def test_silence_longer_than_idle_raises_timeout_error() -> None:
 
 
 def test_upstream_silent_mid_stream_ends_with_error_event(upstreams: Upstreams) -> None:
-    _, url_a = upstreams.openai("a", chunk_delay=0.5)
+    # The next chunk would come long after the idle limit, even on a stalled loop.
+    _, url_a = upstreams.openai("a", chunk_delay=3.0)
     timeouts = {"streamIdleSeconds": 0.15}
     router = upstreams.router(chain_config([endpoint("a", url_a, timeouts=timeouts)]))
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=30)
