@@ -5,9 +5,13 @@ projected ServiceAccount token as a bearer token), says which version it already
 gets a full snapshot `{version, config}` whenever its namespace's config changes. Each snapshot is
 validated with the same `parse_config` a file goes through, swapped in atomically, written to the
 state dir as last-known-good, and answered with an ACK; one that cannot be applied is answered
-with a NACK carrying the error, and the old config keeps serving. When the operator is away the
-client reconnects with exponential backoff and full jitter, and the sidecar keeps serving from
-memory, or, after a restart of its own, from the last-known-good file.
+with a NACK carrying the error, and the old config keeps serving. Like Envoy's EDS beside CDS, a
+change of self-hosted replicas alone comes as a light `replicas` update instead: the new replica
+lists of the endpoints that changed, the config version it applies to (`base`) and the version
+it makes (`version`, ACKed or NACKed like a snapshot's), applied without rebuilding the rest.
+When the operator is away the client reconnects with exponential backoff and full jitter, and
+the sidecar keeps serving from memory, or, after a restart of its own, from the last-known-good
+file.
 
 The message shapes below are the protocol; the operator imports them from here (the sidecar never
 imports the operator).
@@ -28,9 +32,16 @@ from typing import Any
 
 import aiohttp
 import orjson
+from pydantic import ValidationError
 
 from .auditing import AuditSettings, open_trail
-from .config import ConfigError, RouterConfig, parse_config
+from .config import (
+    ConfigError,
+    Endpoint,
+    RouterConfig,
+    _format_validation_error,
+    parse_config,
+)
 from .metrics import SidecarMetrics, SyncState
 from .pool import LOAD, apply_load_message
 from .server import HOLDER_KEY, ConfigHolder, create_app, serve_app
@@ -40,8 +51,11 @@ log = logging.getLogger("modelplane.sidecar.controlplane")
 
 #: The stream's path on the operator.
 STREAM_PATH = "/v1/config/stream"
-#: Message types. Sidecar -> operator: hello (first), ack, nack. Operator -> sidecar: config.
-HELLO, CONFIG, ACK, NACK = "hello", "config", "ack", "nack"
+#: Message types. Sidecar -> operator: hello (first), ack, nack. Operator -> sidecar: config,
+#: replicas (to sidecars whose hello lists REPLICAS_FEATURE).
+HELLO, CONFIG, ACK, NACK, REPLICAS = "hello", "config", "ack", "nack", "replicas"
+#: The hello feature of a sidecar that applies `replicas` updates.
+REPLICAS_FEATURE = "replicas/v1"
 #: The longest error text a NACK carries.
 MAX_NACK_ERROR = 2000
 
@@ -64,6 +78,13 @@ def nack(version: str | None, error: str) -> dict[str, Any]:
 
 def config_message(version: str, config: dict[str, Any]) -> dict[str, Any]:
     return {"type": CONFIG, "version": version, "config": config}
+
+
+def replicas_message(
+    version: str, base: str, endpoints: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Config `base` with these endpoints' replica lists (in wire form) is config `version`."""
+    return {"type": REPLICAS, "version": version, "base": base, "endpoints": endpoints}
 
 
 class LastKnownGood:
@@ -162,8 +183,10 @@ class ControlPlaneClient:
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        #: Version of the config this client applied (or restored) last.
+        #: Version of the config this client applied (or restored) last, and its wire data
+        #: (what a replica update patches and the last-known-good file keeps).
         self._serving_version: str | None = None
+        self._serving_data: dict[str, Any] | None = None
 
     def restore(self) -> bool:
         """Serve the last-known-good config, if there is one; call before start()."""
@@ -172,9 +195,10 @@ class ControlPlaneClient:
         stored = self._state.load()
         if stored is None:
             return False
-        config, _ = stored
+        config, data = stored
         self._holder.apply(config, "last-known-good")
         self._serving_version = config.version()
+        self._serving_data = data
         return True
 
     def _ssl(self) -> ssl.SSLContext:
@@ -240,8 +264,9 @@ class ControlPlaneClient:
             raise StreamRefused(f"HTTP {exc.status}: {exc.message}") from None
         async with ws:
             greeting = hello(self._node, self._serving_version)
+            greeting["features"] = [REPLICAS_FEATURE]
             if self._spend is not None:
-                greeting["features"] = [SPEND_FEATURE]
+                greeting["features"].append(SPEND_FEATURE)
                 greeting["holder"] = self._spend.holder
             await ws.send_str(orjson.dumps(greeting).decode())
             self._link = self._link_spend(ws)
@@ -268,8 +293,11 @@ class ControlPlaneClient:
                         self._spend.on_lease(data)
                         self._spend_gauges()
                     continue
-                if isinstance(data, dict) and data.get("type") == CONFIG:
-                    reply = await self._apply(data)
+                if isinstance(data, dict) and data.get("type") in (CONFIG, REPLICAS):
+                    if data["type"] == CONFIG:
+                        reply = await self._apply(data)
+                    else:
+                        reply = await self._apply_replicas(data)
                     delivered = delivered or reply["type"] == ACK
                     self._sync(SyncState.SYNCED if reply["type"] == ACK else SyncState.REJECTED)
                     await ws.send_str(orjson.dumps(reply).decode())
@@ -331,7 +359,6 @@ class ControlPlaneClient:
         data = message.get("config")
         if not isinstance(version, str) or not isinstance(data, dict):
             return nack(version if isinstance(version, str) else None, "malformed config message")
-        loop = asyncio.get_running_loop()
         try:
             config = parse_config(data, f"control-plane config {version}")
             if config.version() != version:
@@ -343,17 +370,90 @@ class ControlPlaneClient:
         except Exception as exc:  # anything that stops the swap is reported, never swallowed
             self._holder.reject(exc, f"control-plane:{version}")
             return nack(version, str(exc) or type(exc).__name__)
-        self._serving_version = version
+        return await self._applied(version, data)
+
+    async def _applied(self, version: str, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` (version `version`) serves now: keep it as last-known-good, then ACK."""
+        self._serving_version, self._serving_data = version, data
         if self._state is not None:
             try:
-                await loop.run_in_executor(None, self._state.save, version, data)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._state.save, version, data
+                )
             except OSError as exc:
                 # Serving the new config matters more than persisting it: ACK, but say so.
                 log.error("could not write last-known-good config: %s", exc.strerror)
         return ack(version)
 
+    async def _apply_replicas(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Apply a `replicas` update: only the named endpoints' replica lists change.
+
+        It applies to config `base` exactly; anything else (another base, an endpoint that is
+        unknown or has no replica list, a replica the schema refuses) is NACKed and the serving
+        config stays. Each changed endpoint is validated with the same model as in a snapshot.
+        """
+        version, base, endpoints = (
+            message.get("version"),
+            message.get("base"),
+            message.get("endpoints"),
+        )
+        if not isinstance(version, str):
+            return nack(None, "malformed replica update: no version")
+        if not isinstance(base, str) or not isinstance(endpoints, dict) or not endpoints:
+            return nack(version, "malformed replica update: needs a base version and endpoints")
+        snapshot, data = self._holder.snapshot, self._serving_data
+        if snapshot is None or data is None or base != snapshot.version:
+            return nack(
+                version,
+                f"replica update applies to config {base}, but this sidecar runs "
+                f"{snapshot.version if snapshot is not None else 'none'}",
+            )
+        source = f"control-plane-replicas:{version}"
+        try:
+            config, patched = _patch_replicas(snapshot.config, data, version, endpoints)
+            self._holder.apply_replicas(config, endpoints.keys(), source)
+        except Exception as exc:  # anything that stops the swap is reported, never swallowed
+            self._holder.reject(exc, source)
+            return nack(version, str(exc) or type(exc).__name__)
+        return await self._applied(version, patched)
+
 
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0)
+
+
+def _patch_replicas(
+    config: RouterConfig, data: dict[str, Any], version: str, endpoints: dict[str, Any]
+) -> tuple[RouterConfig, dict[str, Any]]:
+    """`config` (wire form `data`) with new replica lists for `endpoints`, as version `version`:
+    the config and its wire data. Raises ConfigError naming the first thing it cannot apply."""
+    raw_endpoints = list(data.get("endpoints") or [])
+    index = {raw.get("name"): i for i, raw in enumerate(raw_endpoints) if isinstance(raw, dict)}
+    changed: dict[str, Endpoint] = {}
+    for name, replicas in endpoints.items():
+        position = index.get(name)
+        if position is None:
+            raise ConfigError(f"replica update names endpoint {name!r}, which the config lacks")
+        raw = raw_endpoints[position]
+        if not isinstance(raw.get("replicas"), list):
+            raise ConfigError(f"replica update for endpoint {name!r}, which has no replica list")
+        if not isinstance(replicas, list):
+            raise ConfigError(f"replica update for endpoint {name!r}: replicas must be a list")
+        raw = raw_endpoints[position] = {**raw, "replicas": replicas}
+        try:
+            changed[name] = Endpoint.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"replica update for endpoint {name!r}: {_format_validation_error(exc)}"
+            ) from None
+    metadata = {**(data.get("metadata") or {}), "version": version}
+    patched = {**data, "metadata": metadata, "endpoints": raw_endpoints}
+    config = config.model_copy(
+        update={
+            "metadata": config.metadata.model_copy(update={"version": version}),
+            "endpoints": tuple(changed.get(ep.name, ep) for ep in config.endpoints),
+        }
+    )
+    return config, patched
 
 
 async def serve_control_plane(

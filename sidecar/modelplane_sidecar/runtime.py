@@ -8,7 +8,7 @@ change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -79,6 +79,22 @@ class Snapshot:
             endpoints[ep.name] = EndpointRuntime(ep, adapter, credentials, state, pool)
         aliases = {m.name: m for m in config.models}
         return cls(config, config.version(), endpoints, aliases, tuple(secrets))
+
+    def with_replicas(self, config: RouterConfig, changed: Collection[str]) -> Snapshot:
+        """This snapshot for `config`, which differs from its own only in the replica lists of
+        the endpoints named in `changed` (and in its version): a replica update of the config
+        stream. Every other endpoint's runtime is kept as it is; a changed one keeps its
+        adapter, credentials and health, and its pool keeps each replica's state by URL. What
+        routing derives from the snapshot is built afresh on first use."""
+        endpoints = dict(self.endpoints)
+        for ep in config.endpoints:
+            before = endpoints.get(ep.name)
+            if ep.name in changed and before is not None:
+                pool = ReplicaPool.build(ep, before.pool)
+                endpoints[ep.name] = EndpointRuntime(
+                    ep, before.adapter, before.credentials, before.state, pool
+                )
+        return Snapshot(config, config.version(), endpoints, self.aliases, self.secrets)
 
     def derived(self, build: Callable[[Snapshot], _T]) -> _T:
         """`build(self)`, computed once per snapshot: e.g. routing's table of prepared routes,

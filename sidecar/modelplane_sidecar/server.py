@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,21 @@ class ConfigHolder:
             extra={"version": snapshot.version, "source": source},
         )
         return True
+
+    def apply_replicas(self, config: RouterConfig, changed: Collection[str], source: str) -> None:
+        """Install `config`, which differs from the serving one only in the replica lists of the
+        `changed` endpoints (a replica update from the control plane), without a full rebuild."""
+        previous = self.snapshot
+        if previous is None:
+            raise ConfigError("a replica update needs a serving config to apply to")
+        self.snapshot = previous.with_replicas(config, changed)
+        self.source = source
+        self._metrics.config_applied_now(self.snapshot.version, source)
+        self._metrics.config_reloads.labels("applied").inc()
+        log.info(
+            "replica update applied",
+            extra={"version": self.snapshot.version, "source": source},
+        )
 
     def reject(self, error: Exception, source: str) -> None:
         self._metrics.config_reloads.labels("rejected").inc()

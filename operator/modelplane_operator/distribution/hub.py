@@ -5,11 +5,22 @@ sidecar only when it has answered the previous push (ACK or NACK); a sidecar tha
 gets the newest version as soon as it answers, never the versions in between. A version a sidecar
 NACKed is not pushed to it again. The snapshot message is serialised once per version and shared
 by every session of the namespace.
+
+Replica updates (the EDS beside the CDS): when a new version differs from the one a sidecar runs
+only in the replica lists of self-hosted endpoints (EndpointSlice readiness), a sidecar whose
+hello lists `replicas/v1` gets a `replicas` message instead of the snapshot: the changed lists,
+the version it applies to (`base`, exactly the one the sidecar ACKed) and the version it makes.
+The version line stays one: ACK/NACK, "current" and Applied count the same versions whichever
+message carried them, and a sidecar that connects late, reconnects, or runs a version the hub no
+longer remembers gets the full snapshot, which always holds every replica. A NACKed replica
+update is answered with the full snapshot of the same version (the two disagree about the base,
+so the hub stops sending that sidecar updates); only a NACKed snapshot marks a version rejected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from modelplane_sidecar.controlplane import config_message
+from modelplane_sidecar.controlplane import config_message, replicas_message
 
 if TYPE_CHECKING:
     from ..metrics import OperatorMetrics
@@ -48,11 +59,49 @@ class SidecarCounts:
 
 Send = Callable[[bytes], Awaitable[None]]
 
+#: Versions per namespace whose replica lists the hub remembers, to send a replica update to a
+#: sidecar that runs one of them; a sidecar on an older version gets the full snapshot.
+RECENT_VERSIONS = 8
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """A config version's replica lists and a digest of everything else (its shape)."""
+
+    #: Equal shapes: the two versions differ in their replica lists at most.
+    shape: bytes
+    #: Endpoint name -> its replica list in wire form (endpoints that have one).
+    replicas: dict[str, list[Any]]
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> PoolState:
+        replicas: dict[str, list[Any]] = {}
+        endpoints = []
+        for endpoint in config.get("endpoints") or []:
+            listed = endpoint.get("replicas") if isinstance(endpoint, dict) else None
+            if isinstance(listed, list):
+                replicas[str(endpoint.get("name"))] = listed
+                endpoint = {**endpoint, "replicas": []}  # still a pool, whatever it lists
+            endpoints.append(endpoint)
+        metadata = {**(config.get("metadata") or {}), "version": None}
+        rest = orjson.dumps(
+            {**config, "endpoints": endpoints, "metadata": metadata},
+            option=orjson.OPT_SORT_KEYS,
+        )
+        return cls(hashlib.sha256(rest).digest(), replicas)
+
 
 class Session:
     """One connected sidecar and where it stands."""
 
-    def __init__(self, identity: Identity, node: str, send: Send, running: str | None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        node: str,
+        send: Send,
+        running: str | None,
+        replica_updates: bool = False,
+    ) -> None:
         self.identity = identity
         self.node = node
         self._send = send
@@ -63,6 +112,10 @@ class Session:
         #: The version pushed and not yet answered, and when it was pushed (monotonic).
         self.inflight: str | None = None
         self.pushed_at = 0.0
+        #: Whether the sidecar takes replica updates (its hello lists `replicas/v1`; cleared
+        #: when it NACKs one), and whether the push in flight is one.
+        self.replica_updates = replica_updates
+        self.inflight_update = False
         self._task: asyncio.Task[None] | None = None
         self._notify: asyncio.Task[None] | None = None
         self.closed = False
@@ -81,9 +134,15 @@ class Session:
             return
         if version == self.acked or (self.rejected is not None and self.rejected[0] == version):
             return
+        update = (
+            channel.replica_update(self.acked)
+            if self.replica_updates and self.acked is not None
+            else None
+        )
         self.inflight = version
+        self.inflight_update = update is not None
         self.pushed_at = time.monotonic()
-        self._task = asyncio.get_running_loop().create_task(self._push(message))
+        self._task = asyncio.get_running_loop().create_task(self._push(update or message))
 
     async def _push(self, message: bytes) -> None:
         try:
@@ -107,6 +166,9 @@ class Session:
         self.inflight = None
         if error is None:
             self.acked, self.rejected = version, None
+        elif self.inflight_update:
+            # Not a verdict on the version: the snapshot of the same version goes next.
+            self.replica_updates = False
         else:
             self.rejected = (version, error)
         return True
@@ -119,6 +181,31 @@ class Channel:
     version: str | None = None
     message: bytes | None = None
     sessions: set[Session] = field(default_factory=set)
+    #: The replica lists of the latest versions (oldest first), and the replica update to the
+    #: current version from each base asked for so far (None: that base needs the snapshot).
+    recent: dict[str, PoolState] = field(default_factory=dict)
+    updates: dict[str, bytes | None] = field(default_factory=dict)
+
+    def remember(self, version: str, config: dict[str, Any]) -> None:
+        self.recent.pop(version, None)
+        self.recent[version] = PoolState.of(config)
+        while len(self.recent) > RECENT_VERSIONS:
+            del self.recent[next(iter(self.recent))]
+        self.updates = {}
+
+    def replica_update(self, base: str) -> bytes | None:
+        """The `replicas` message from version `base` to the current one, if that is all that
+        changed between them (None: send the snapshot)."""
+        if base in self.updates:
+            return self.updates[base]
+        old, new = self.recent.get(base), self.recent.get(self.version or "")
+        message = None
+        if old is not None and new is not None and old.shape == new.shape:
+            changed = {n: r for n, r in new.replicas.items() if old.replicas.get(n) != r}
+            if changed and self.version is not None:
+                message = orjson.dumps(replicas_message(self.version, base, changed))
+        self.updates[base] = message
+        return message
 
     def counts(self) -> SidecarCounts:
         current = rejected = 0
@@ -189,6 +276,9 @@ class ConfigHub:
             if version is not None and config is not None
             else None
         )
+        channel.updates = {}
+        if version is not None and config is not None:
+            channel.remember(version, config)
         for session in channel.sessions:
             session.offer(channel)
         self._changed(namespace)
@@ -223,7 +313,15 @@ class ConfigHub:
             answer = "ack" if error is None else "nack"
             self._metrics.answers.labels(session.namespace, answer).inc()
             self._metrics.push_duration.labels(answer).observe(time.monotonic() - session.pushed_at)
-        if error is not None:
+        if error is not None and (session.rejected is None or session.rejected[0] != version):
+            log.warning(
+                "sidecar %s in %s rejected the replica update to %s, sending the snapshot: %s",
+                session.node,
+                session.namespace,
+                version,
+                error,
+            )
+        elif error is not None:
             log.warning(
                 "sidecar %s in %s rejected config %s: %s",
                 session.node,

@@ -17,7 +17,14 @@ import orjson
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from modelplane_sidecar.controlplane import ACK, HELLO, MAX_NACK_ERROR, NACK, STREAM_PATH
+from modelplane_sidecar.controlplane import (
+    ACK,
+    HELLO,
+    MAX_NACK_ERROR,
+    NACK,
+    REPLICAS_FEATURE,
+    STREAM_PATH,
+)
 from modelplane_sidecar.spend import SPEND_FEATURE, USAGE
 
 from ..budget.service import BudgetService, Send, SpendSession
@@ -136,7 +143,9 @@ class StreamServer:
         if hello.get(RELAY) is not None:
             await self._serve_relayed(ws, identity, node, hello, send)
             return
-        session = Session(identity, node, send, _text(hello.get("version"), 64))
+        session = Session(
+            identity, node, send, _text(hello.get("version"), 64), _speaks(hello, REPLICAS_FEATURE)
+        )
         log.info(
             "sidecar %s connected (namespace %s, serviceaccount %s, running %s)",
             node,
@@ -267,8 +276,12 @@ class StreamServer:
 
 
 def _speaks_spend(hello: dict[str, Any]) -> bool:
+    return _speaks(hello, SPEND_FEATURE)
+
+
+def _speaks(hello: dict[str, Any], feature: str) -> bool:
     features = hello.get("features")
-    return isinstance(features, list) and SPEND_FEATURE in features
+    return isinstance(features, list) and feature in features
 
 
 def _decode(raw: str | bytes) -> dict[str, Any] | None:
