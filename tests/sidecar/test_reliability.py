@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import openai
 import pytest
@@ -111,11 +112,13 @@ def test_hang_past_attempt_timeout_then_fallback(upstreams: Upstreams) -> None:
     a, url_a = upstreams.openai("a")
     _b, url_b = upstreams.openai("b")
     a.default = Behaviour("hang")
+    # The attempt timeout also bounds b's answer: a second, so a loaded machine does not time
+    # out the healthy endpoint too.
     router = upstreams.router(
         chain_config(
             [endpoint("a", url_a), endpoint("b", url_b)],
             retry={"maxAttempts": 1},
-            timeout={"attemptSeconds": 0.3, "totalSeconds": 10},
+            timeout={"attemptSeconds": 1.0, "totalSeconds": 10},
         )
     )
     raw = _client(router.url).chat.completions.with_raw_response.create(
@@ -175,7 +178,8 @@ def test_breaker_opens_skips_and_recovers_through_a_probe(upstreams: Upstreams) 
         chain_config(
             [endpoint("a", url_a), endpoint("b", url_b)],
             retry={"maxAttempts": 1},
-            circuitBreaker={"failureThreshold": 2, "openSeconds": 0.5},
+            # Long enough that the request below surely finds the breaker still open.
+            circuitBreaker={"failureThreshold": 2, "openSeconds": 2},
         )
     )
     client = _client(router.url)
@@ -192,7 +196,7 @@ def test_breaker_opens_skips_and_recovers_through_a_probe(upstreams: Upstreams) 
 
     # After openSeconds one probe goes through; it succeeds and the breaker closes.
     a.default = Behaviour()
-    time.sleep(0.6)
+    time.sleep(2.1)
     raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
     assert raw.headers["x-modelplane-endpoint"] == "a"
     assert router.metric("modelplane_circuit_breaker_open", endpoint="a") == 0
@@ -231,7 +235,8 @@ def test_stream_fails_over_before_first_byte(upstreams: Upstreams, failure: str)
         chain_config(
             [endpoint("a", url_a), endpoint("b", url_b)],
             retry={"maxAttempts": 1},
-            timeout={"attemptSeconds": 0.3},
+            # Also b's time to first byte: a second, for a loaded machine.
+            timeout={"attemptSeconds": 1.0},
         )
     )
     raw = _client(router.url).chat.completions.with_raw_response.create(
@@ -266,17 +271,28 @@ def test_mid_stream_failure_ends_with_error_event_and_no_failover(
     assert router.metric("modelplane_stream_failures_total", endpoint="a", reason=result) == 1
 
 
+async def _eventually(check: Callable[[], object], seconds: float = 30) -> None:
+    """Wait (bounded) until `check` holds; the caller asserts it afterwards."""
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+
+
 async def test_client_disconnect_cancels_upstream(upstreams: Upstreams) -> None:
     a, url_a = upstreams.openai("a")
     a.default = Behaviour("hang")
     router = upstreams.router(chain_config([endpoint("a", url_a)]))
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.APITimeoutError):
-        await client.chat.completions.create(model="chat", messages=MESSAGES, timeout=0.5)
-    for _ in range(50):
-        if a.cancelled:
-            break
-        await asyncio.sleep(0.05)
+    # The app gives up once the upstream has the request (not after a fixed time, which a slow
+    # machine could spend before the request even got there).
+    call = asyncio.create_task(client.chat.completions.create(model="chat", messages=MESSAGES))
+    await _eventually(lambda: a.received or call.done())
+    assert len(a.received) == 1 and not call.done()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await _eventually(lambda: a.cancelled)
     assert a.cancelled == 1, "the upstream call must be cancelled when the app goes away"
 
 
@@ -288,12 +304,10 @@ async def test_client_disconnect_mid_stream_cancels_upstream(upstreams: Upstream
     async for _ in stream:
         break
     await stream.close()
-    for _ in range(50):
-        if a.cancelled:
-            break
-        await asyncio.sleep(0.05)
+    disconnects = "modelplane_client_disconnects_total"
+    await _eventually(lambda: a.cancelled and router.metric(disconnects, model="chat"))
     assert a.cancelled == 1
-    assert router.metric("modelplane_client_disconnects_total", model="chat") == 1
+    assert router.metric(disconnects, model="chat") == 1
 
 
 def test_api_keys_never_leak_into_error_bodies_or_logs(
