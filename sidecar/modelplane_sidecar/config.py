@@ -109,8 +109,17 @@ class BedrockOptions(ProviderOptions):
     region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$")
     #: Profile in the shared AWS config/credentials files (default: AWS_PROFILE or `default`).
     profile: str | None = Field(default=None, min_length=1)
+    #: Where SigV4 keys come from (without an `apiKey`): `auto` tries, in the AWS SDKs' order,
+    #: the environment keys, web identity (IRSA), the shared files, then container credentials
+    #: (EKS Pod Identity); the others name one source. See docs/providers.md.
+    credential_source: Literal["auto", "environment", "webIdentity", "profile", "container"] = (
+        "auto"
+    )
     #: `inferenceConfig.maxTokens` when the app sets none (the model's default otherwise).
     max_tokens: int | None = Field(default=None, gt=0)
+    #: The model id for CountTokens (`/v1/messages/count_tokens`), which takes foundation-model
+    #: ids only; default: the endpoint's `model` without its cross-region profile prefix.
+    count_tokens_model: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 PROVIDER_OPTIONS: dict[Provider, type[ProviderOptions]] = {

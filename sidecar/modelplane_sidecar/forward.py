@@ -438,10 +438,13 @@ class Forwarder:
 
     async def _call(self, ex: Exchange, endpoint: EndpointRuntime, remaining: float) -> Translated:
         cfg = endpoint.config
-        req = endpoint.adapter.build_request(
-            cfg, endpoint.credentials, ex.request.op, ex.request.body, False
-        )
         timeout = self._timeout_for(endpoint, ex, remaining)
+        credentials = endpoint.credentials
+        if credentials.refreshing is not None:
+            credentials = await credentials.refreshing.current(timeout)
+        req = endpoint.adapter.build_request(
+            cfg, credentials, ex.request.op, ex.request.body, False
+        )
         url, replica = self._take_replica(ex, endpoint, req.url)
         endpoint.state.in_flight += 1
         endpoint.state.stats.note_request(ex.decision.input_tokens)
@@ -484,10 +487,11 @@ class Forwarder:
     ) -> _StreamStart:
         """Open the upstream stream and read until the first bytes for the app exist."""
         cfg = endpoint.config
-        req = endpoint.adapter.build_request(
-            cfg, endpoint.credentials, ex.request.op, ex.request.body, True
-        )
         timeout = self._timeout_for(endpoint, ex, remaining)
+        credentials = endpoint.credentials
+        if credentials.refreshing is not None:
+            credentials = await credentials.refreshing.current(timeout)
+        req = endpoint.adapter.build_request(cfg, credentials, ex.request.op, ex.request.body, True)
         resp: aiohttp.ClientResponse | None = None
         url, replica = self._take_replica(ex, endpoint, req.url)
         endpoint.state.in_flight += 1

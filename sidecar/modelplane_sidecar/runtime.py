@@ -73,6 +73,9 @@ class Snapshot:
             credentials = adapter.credentials(ep, api_key)
             secrets.extend(s.encode() for s in credentials.secrets())
             before = old.get(ep.name)
+            if before is not None and before.credentials == credentials:
+                # Temporary keys from the same source carry over: no new STS call per config.
+                credentials = before.credentials
             keep = before is not None and _identity(before.config) == _identity(ep)
             state = before.state if keep and before is not None else EndpointState()
             pool = ReplicaPool.build(ep, before.pool if before is not None else None)

@@ -31,6 +31,7 @@ from .forward import ClientDialect, Exchange, Forwarder
 from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
 from .frontdoors.batch_api import BatchApi
+from .frontdoors.count_tokens import count_tokens
 from .lanes import LaneGate
 from .metrics import Outcome, SidecarMetrics, SyncState
 from .pool import LoadScraper, ReplicaPool
@@ -205,6 +206,7 @@ class Sidecar:
         app.router.add_post("/v1/completions", self._op_handler(Operation.COMPLETIONS))
         app.router.add_post("/v1/embeddings", self._op_handler(Operation.EMBEDDINGS))
         app.router.add_post("/v1/messages", self.anthropic_messages)
+        app.router.add_post("/v1/messages/count_tokens", self.anthropic_count_tokens)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/modelplane/explain", self.explain)
         self._batch_api.add_routes(app.router)
@@ -275,6 +277,17 @@ class Sidecar:
     async def anthropic_messages(self, http: web.Request) -> web.StreamResponse:
         """Anthropic's Messages API, routed through the same engine (frontdoors/anthropic.py)."""
         return await anthropic_door.serve(lambda door: self.route(http, Operation.CHAT, door))
+
+    async def anthropic_count_tokens(self, http: web.Request) -> web.StreamResponse:
+        """Anthropic's token counting, by an endpoint routing picks (frontdoors/count_tokens.py)."""
+
+        async def count(_: FrontDoor) -> web.StreamResponse:
+            snapshot = self._current()
+            body = _parse_body(await _read_limited(http, snapshot.config.server.max_body_bytes))
+            session = self._client_session()
+            return await count_tokens(snapshot, session, http, body, _request_id(http))
+
+        return await anthropic_door.serve(count)
 
     async def route(
         self, http: web.Request, op: Operation, front_door: FrontDoor | None = None

@@ -86,12 +86,27 @@ def _rewrite_error(response: web.Response) -> web.Response:
 
 def openai_request(body: dict[str, Any]) -> tuple[dict[str, Any], AnthropicDialect]:
     """The OpenAI chat body for an Anthropic Messages request, and the dialect to answer in."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("model: Field required", param="model")
     limit = body.get("max_tokens")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise bad_request("max_tokens: Field required (a positive integer)", param="max_tokens")
+    out = _chat_request(body)
+    out["max_tokens"] = limit
+    if body.get("stream") is True:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out, AnthropicDialect(out["model"])
+
+
+def count_tokens_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI chat body whose prompt `/v1/messages/count_tokens` counts (no `max_tokens`:
+    the count is of the input; `stream` does not apply)."""
+    return _chat_request(body)
+
+
+def _chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("model: Field required", param="model")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise bad_request("messages: Field required (an array)", param="messages")
@@ -101,7 +116,7 @@ def openai_request(body: dict[str, Any]) -> tuple[dict[str, Any], AnthropicDiale
         out_messages.append({"role": "system", "content": _text(system, "system")})
     for index, message in enumerate(messages):
         out_messages.extend(_message(message, index))
-    out: dict[str, Any] = {"model": model, "messages": out_messages, "max_tokens": limit}
+    out: dict[str, Any] = {"model": model, "messages": out_messages}
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
@@ -116,10 +131,7 @@ def openai_request(body: dict[str, Any]) -> tuple[dict[str, Any], AnthropicDiale
         out["tools"] = [_tool(t) for t in tools]
     _tool_choice(body.get("tool_choice"), out)
     _output_config(body.get("output_config"), out)
-    if body.get("stream") is True:
-        out["stream"] = True
-        out["stream_options"] = {"include_usage": True}
-    return out, AnthropicDialect(model)
+    return out
 
 
 def _text(content: object, where: str) -> str:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -80,6 +80,9 @@ class Credentials:
     #: An API key or bearer token, sent the way the provider expects it.
     api_key: str | None = field(default=None, repr=False)
     aws: AwsCredentials | None = None
+    #: Credentials that expire (e.g. AWS keys from IRSA): the forwarder asks this for the
+    #: current ones before every attempt, and hands those to `build_request`.
+    refreshing: RefreshingCredentials | None = field(default=None, repr=False)
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in here, to scrub from anything an upstream echoes back."""
@@ -87,6 +90,15 @@ class Credentials:
         if self.aws is not None:
             found += [self.aws.secret_access_key, self.aws.session_token]
         return tuple(s for s in found if s)
+
+
+class RefreshingCredentials(Protocol):
+    """Credentials kept fresh off the request path (`aws_credentials.TemporaryAwsCredentials`)."""
+
+    async def current(self, wait_seconds: float) -> Credentials:
+        """Credentials good for a request now (waits at most `wait_seconds` for a refresh);
+        raises UpstreamFailure naming the source when there are none."""
+        ...
 
 
 @dataclass(slots=True)
@@ -172,6 +184,22 @@ class Adapter(Protocol):
     def classify_error(
         self, endpoint: Endpoint, status: int, headers: Mapping[str, str], body: bytes
     ) -> UpstreamFailure: ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An adapter whose provider counts a prompt's tokens without running the model (the
+    Anthropic front door's `/v1/messages/count_tokens`)."""
+
+    def count_tokens_request(
+        self, endpoint: Endpoint, credentials: Credentials, body: dict[str, Any]
+    ) -> UpstreamRequest:
+        """The upstream request counting the tokens of OpenAI chat request `body`."""
+        ...
+
+    def count_tokens_result(self, body: bytes) -> int:
+        """The input token count in a 2xx answer; raises UpstreamFailure if there is none."""
+        ...
 
 
 class ChatAdapter:

@@ -2,10 +2,12 @@
 
 `POST {baseUrl}/model/{modelId}/converse` (and `/converse-stream`), with `baseUrl` the regional
 runtime (`https://bedrock-runtime.REGION.amazonaws.com`) and `modelId` a model or inference
-profile id or ARN. Requests are signed with SigV4 (service `bedrock`; credentials from the AWS
-environment variables or shared files, resolved once per config; region from the `region`
-option, the endpoint's `region`, or `baseUrl`), or, when the endpoint has an `apiKey`, sent with
-that Bedrock API key as a bearer token.
+profile id or ARN. Requests are signed with SigV4 (service `bedrock`; credentials from the
+source `aws_credentials.py` picks: static keys, or temporary ones from IRSA or EKS Pod Identity
+kept fresh off the request path; region from the `region` option, the endpoint's `region`, or
+`baseUrl`), or, when the endpoint has an `apiKey`, sent with that Bedrock API key as a bearer
+token. `count_tokens_request` serves the Anthropic front door's `/v1/messages/count_tokens`
+with Bedrock's CountTokens (`POST /model/{modelId}/count-tokens`, input in Converse form).
 
 Request: system/developer messages become `system`, content becomes Converse content blocks
 (text, base64 images, `toolUse`, `toolResult`), sampling settings go in `inferenceConfig`, tools
@@ -27,6 +29,7 @@ import orjson
 from yarl import URL
 
 from ..config import ConfigError, Endpoint
+from .aws_credentials import aws_credentials
 from .base import (
     ChatAdapter,
     Credentials,
@@ -70,7 +73,7 @@ from .openai_chat import (
     unknown_role,
     walk_turns,
 )
-from .sigv4 import resolve_credentials, sign
+from .sigv4 import sign
 
 NAME = "bedrock"
 
@@ -88,6 +91,8 @@ _REGION_IN_URL = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws
 _CONTEXT_LENGTH = re.compile(
     r"too long|too many (?:input )?tokens|context (?:window|length)|exceeds? the max", re.I
 )
+#: The geography prefix of a cross-region inference profile id (`us.`, `eu.`, `global.` ...).
+_PROFILE_PREFIX = re.compile(r"^(?:us|eu|apac|ap|jp|au|ca|us-gov|global)\.([a-z0-9-]+\..+)$")
 #: Error types that say "busy", whatever the status code says.
 _THROTTLED = {"ThrottlingException", "ServiceQuotaExceededException", "ModelNotReadyException"}
 
@@ -96,15 +101,22 @@ class BedrockAdapter(ChatAdapter):
     name = NAME
 
     def credentials(self, endpoint: Endpoint, api_key: str | None) -> Credentials:
-        if region_of(endpoint) is None:
+        region = region_of(endpoint)
+        if region is None:
             raise ConfigError(
                 f"endpoint {endpoint.name!r}: no AWS region: set options.region or region, or "
                 "use a baseUrl like https://bedrock-runtime.REGION.amazonaws.com"
             )
+        source = endpoint.options["credentialSource"]
         if api_key:
+            if source != "auto":
+                raise ConfigError(
+                    f"endpoint {endpoint.name!r}: an apiKey (a Bedrock API key) and "
+                    f"options.credentialSource {source!r} exclude each other; keep one"
+                )
             return Credentials(api_key)
         try:
-            return Credentials(aws=resolve_credentials(endpoint.options["profile"]))
+            return aws_credentials(source, endpoint.options["profile"], region)
         except ConfigError as exc:
             raise ConfigError(f"endpoint {endpoint.name!r}: {exc}") from None
 
@@ -118,18 +130,25 @@ class BedrockAdapter(ChatAdapter):
     ) -> UpstreamRequest:
         payload = orjson.dumps(converse_request(body, endpoint.options["maxTokens"]))
         action = "converse-stream" if stream else "converse"
-        # Signed exactly as aiohttp (yarl) will send it: `:` in a model ARN is not re-quoted.
-        url = str(URL(f"{endpoint.base_url}/model/{quote(endpoint.model, safe='')}/{action}"))
-        headers = {"content-type": "application/json", **endpoint.headers}
-        if stream:
-            headers["accept"] = "application/vnd.amazon.eventstream"
-        if credentials.api_key:
-            headers["authorization"] = f"Bearer {credentials.api_key}"
-        elif credentials.aws is not None:
-            region = region_of(endpoint) or ""
-            now = datetime.now(UTC)
-            headers.update(sign("POST", url, headers, payload, credentials.aws, region, NAME, now))
-        return UpstreamRequest("POST", url, headers, payload)
+        return _signed(endpoint, credentials, endpoint.model, action, payload, stream)
+
+    def count_tokens_request(
+        self, endpoint: Endpoint, credentials: Credentials, body: dict[str, Any]
+    ) -> UpstreamRequest:
+        converse = converse_request(body, None)
+        counted = {k: converse[k] for k in ("messages", "system", "toolConfig") if k in converse}
+        payload = orjson.dumps({"input": {"converse": counted}})
+        model = endpoint.options["countTokensModel"] or count_tokens_model(endpoint.model)
+        return _signed(endpoint, credentials, model, "count-tokens", payload, False)
+
+    def count_tokens_result(self, body: bytes) -> int:
+        answer = parse_json_object(body, "the Bedrock CountTokens response")
+        tokens = answer.get("inputTokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise UpstreamFailure(
+                FailureKind.PROTOCOL, "the Bedrock CountTokens response has no inputTokens"
+            )
+        return tokens
 
     def translate_response(
         self, endpoint: Endpoint, op: Operation, body: bytes, request_body: dict[str, Any]
@@ -188,6 +207,36 @@ class BedrockAdapter(ChatAdapter):
             kind, code = FailureKind.CONTEXT_LENGTH, "context_length_exceeded"
         client_body = openai_error_body(message or text, openai_type, code)
         return UpstreamFailure(kind, text, status, parse_retry_after(headers), client_body)
+
+
+def _signed(
+    endpoint: Endpoint,
+    credentials: Credentials,
+    model: str,
+    action: str,
+    payload: bytes,
+    stream: bool,
+) -> UpstreamRequest:
+    # Signed exactly as aiohttp (yarl) will send it: `:` in a model ARN is not re-quoted.
+    url = str(URL(f"{endpoint.base_url}/model/{quote(model, safe='')}/{action}"))
+    headers = {"content-type": "application/json", **endpoint.headers}
+    if stream:
+        headers["accept"] = "application/vnd.amazon.eventstream"
+    if credentials.api_key:
+        headers["authorization"] = f"Bearer {credentials.api_key}"
+    elif credentials.aws is not None:
+        region = region_of(endpoint) or ""
+        now = datetime.now(UTC)
+        headers.update(sign("POST", url, headers, payload, credentials.aws, region, NAME, now))
+    return UpstreamRequest("POST", url, headers, payload)
+
+
+def count_tokens_model(model: str) -> str:
+    """The foundation-model id CountTokens takes for `model`, which may be a cross-region
+    inference profile (`eu.anthropic.claude-...`) or its ARN: CountTokens refuses those."""
+    model = model.rpartition("/")[2] if model.startswith("arn:") else model
+    found = _PROFILE_PREFIX.match(model)
+    return found.group(1) if found else model
 
 
 def region_of(endpoint: Endpoint) -> str | None:

@@ -8,11 +8,16 @@ misspelt fields are a 400 `ValidationException`). Streams use AWS event-stream f
 Bedrock's headers (`:event-type`, `:message-type`, `:exception-type`). Behaviours as for the
 OpenAI stand-in, plus `kind="tool"` (a toolUse of the first tool) and `kind="guardrail"`
 (stopReason `guardrail_intervened`); `stream-error` sends a `throttlingException` event.
+`POST /model/{modelId}/count-tokens` (CountTokens) answers `inputTokens` and, like Bedrock,
+refuses cross-region inference profile ids. Temporary keys (from the STS or container
+credentials stand-in, `issuer`) must carry their session token in `x-amz-security-token`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +49,8 @@ _MESSAGES = {
     500: "The server encountered an internal error while processing the request.",
     503: "The service is temporarily unable to handle the request.",
 }
+#: CountTokens takes foundation-model ids; cross-region inference profiles are refused.
+_CROSS_REGION = re.compile(r"^(?:us|eu|apac|jp|au|ca|us-gov|global)\.")
 _BAD_SIGNATURE = (
     "The request signature we calculated does not match the signature you provided. Check your "
     "AWS Secret Access Key and signing method. Consult the service documentation for details."
@@ -55,15 +62,21 @@ def _operations() -> dict[str, OperationModel]:
     return {
         "converse": model.operation_model("Converse"),
         "converse-stream": model.operation_model("ConverseStream"),
+        "count-tokens": model.operation_model("CountTokens"),
     }
 
 
 @dataclass
 class BedrockStandIn(ScriptedStandIn):
-    #: Keys requests must be signed with (None: SigV4 is not checked).
+    #: Keys requests must be signed with (None: SigV4 is not checked, unless `issuer` is set).
     credentials: AwsCredentials | None = None
     region: str = "us-east-1"
     operations: dict[str, OperationModel] = field(default_factory=_operations, repr=False)
+    #: Temporary keys accepted too, looked up by access key id (e.g. `KeyIssuer.lookup` of the
+    #: STS stand-in); their session token must come in `x-amz-security-token`.
+    issuer: Callable[[str], AwsCredentials | None] | None = None
+    #: Input tokens CountTokens answers (None: about four characters per token).
+    counted_tokens: int | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -76,7 +89,7 @@ class BedrockStandIn(ScriptedStandIn):
             if authorization.removeprefix("Bearer ") == self.api_key:
                 return None
             return self._error(403, "UnrecognizedClientException", "Invalid API Key format")
-        if self.credentials is None:
+        if self.credentials is None and self.issuer is None:
             return None
         if not authorization.startswith("AWS4-HMAC-SHA256 "):
             return self._error(
@@ -87,7 +100,9 @@ class BedrockStandIn(ScriptedStandIn):
             for item in authorization[len("AWS4-HMAC-SHA256 ") :].split(",")
         )
         key_id, _, region, service, _ = fields["Credential"].split("/")
-        if key_id != self.credentials.access_key_id:
+        expected = self._keys(key_id)
+        token = request.headers.get("x-amz-security-token")
+        if expected is None or token != expected.session_token:
             return self._error(
                 403,
                 "UnrecognizedClientException",
@@ -100,24 +115,27 @@ class BedrockStandIn(ScriptedStandIn):
                 f"Credential should be scoped to a valid "
                 f"region and service; got {region}/{service}.",
             )
-        if fields["Signature"] != self._signature(request, raw, fields["SignedHeaders"]):
+        signature = self._signature(request, raw, fields["SignedHeaders"], expected)
+        if fields["Signature"] != signature:
             return self._error(403, "InvalidSignatureException", _BAD_SIGNATURE)
         return None
 
-    def _signature(self, request: web.Request, body: bytes, signed_headers: str) -> str:
+    def _keys(self, key_id: str) -> AwsCredentials | None:
+        if self.credentials is not None and key_id == self.credentials.access_key_id:
+            return self.credentials
+        return self.issuer(key_id) if self.issuer is not None else None
+
+    def _signature(
+        self, request: web.Request, body: bytes, signed_headers: str, keys: AwsCredentials
+    ) -> str:
         """botocore's signature for the request as received (the server side of SigV4)."""
-        assert self.credentials is not None
         names = signed_headers.split(";")
         headers = {name: request.headers.get(name, "") for name in names}
         url = f"{request.scheme}://{request.host}{request.raw_path}"
         aws = AWSRequest(method=request.method, url=url, headers=headers, data=body)
         aws.context["timestamp"] = request.headers.get("x-amz-date", "")
         signer = SigV4Auth(
-            BotoCredentials(
-                self.credentials.access_key_id,
-                self.credentials.secret_access_key,
-                self.credentials.session_token,
-            ),
+            BotoCredentials(keys.access_key_id, keys.secret_access_key, keys.session_token),
             "bedrock",
             self.region,
         )
@@ -155,6 +173,8 @@ class BedrockStandIn(ScriptedStandIn):
         report = ParamValidator().validate(params, operation.input_shape)
         if report.has_errors():
             raise self._error(400, "ValidationException", report.generate_report())
+        if action == "count-tokens":
+            return self._count_tokens(request.match_info["model_id"], body)
         output, stop_reason = self._output(body, behaviour)
         tokens_in = max(1, len(orjson.dumps(body.get("messages"))) // 4)
         tokens_out = len(self.words()) if output else 0
@@ -169,6 +189,18 @@ class BedrockStandIn(ScriptedStandIn):
             }
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
         return await self._stream(request, behaviour, output, stop_reason, usage)
+
+    def _count_tokens(self, model_id: str, body: dict[str, Any]) -> web.Response:
+        if _CROSS_REGION.match(model_id) or model_id.startswith("arn:"):
+            raise self._error(
+                400, "ValidationException", "The provided model doesn't support counting tokens."
+            )
+        counted = self.counted_tokens
+        if counted is None:
+            counted = max(1, len(orjson.dumps(body["input"])) // 4)
+        return web.Response(
+            body=orjson.dumps({"inputTokens": counted}), content_type="application/json"
+        )
 
     def _output(
         self, body: dict[str, Any], behaviour: Behaviour
