@@ -95,6 +95,9 @@ class RequestEnd:
     duration_s: float = 0.0
     decision_ms: float | None = None
     ttft_s: float | None = None
+    #: Fields only some records have: `coalescedWith` (the request whose upstream call answered
+    #: this one), `batchApi` (a Batch API call passed through, `frontdoors/batch_api.py`).
+    extra: dict[str, Any] | None = None
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -155,6 +158,8 @@ def record_fields(end: RequestEnd, identity: Identity) -> dict[str, Any]:
         "decisionMs": None if end.decision_ms is None else round(end.decision_ms, 3),
         "ttftMs": _ms(end.ttft_s),
     }
+    if end.extra:
+        fields.update(end.extra)
     return fields
 
 

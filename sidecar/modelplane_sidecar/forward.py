@@ -68,6 +68,12 @@ _NOTHING_BILLED = {
 
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 
+_SERVED_FROM_CACHE = {
+    CacheState.HIT: Outcome.CACHE_HIT,
+    CacheState.STALE: Outcome.CACHE_STALE,
+    CacheState.COALESCED: Outcome.COALESCED,
+}
+
 
 @dataclass(slots=True)
 class AttemptRecord:
@@ -209,12 +215,19 @@ class Forwarder:
         finally:
             if ex.release is not None:
                 ex.release()
+            if ex.cache is not None and ex.cache.flight is not None:
+                ex.cache.land()
 
     async def _forward(self, ex: Exchange) -> web.StreamResponse:
-        if ex.cache is not None and ex.cache.read:
+        waited = 0.0
+        if ex.cache is not None and ex.cache.key is not None:
             cached = await ex.cache.lookup()
             if cached is not None:
                 return await self.serve_cached(ex, cached, 0)
+            if ex.cache.coalesces:
+                shared, waited = await self._coalesce(ex)
+                if shared is not None:
+                    return shared
         if ex.admit is not None:
             await self._admit(ex)
         if ex.decision.overflow:
@@ -227,7 +240,7 @@ class Forwarder:
         alias = ex.decision.alias
         retry = alias.retry
         breaker_policy = alias.circuit_breaker
-        deadline = loop.time() + alias.timeout.total_seconds
+        deadline = loop.time() + alias.timeout.total_seconds - waited
         records = ex.attempts
         records.extend(
             AttemptRecord(name, 0, f"removed: {why}") for name, why in ex.decision.removed
@@ -342,12 +355,37 @@ class Forwarder:
             self._finish(ex, Outcome.REFUSED, exc.status, None, None, error=exc.code)
             raise
 
+    async def _coalesce(self, ex: Exchange) -> tuple[web.StreamResponse | None, float]:
+        """Wait for an identical request's upstream call in flight (cache/coalesce.py): its
+        answer, or None and the seconds waited when this request must call upstream itself."""
+        plan = ex.cache
+        assert plan is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        total = ex.decision.alias.timeout.total_seconds
+        try:
+            entry = await plan.follow(ex.request_id, total)
+        except TimeoutError:
+            ex.attempts.append(
+                AttemptRecord(
+                    "(router)",
+                    0,
+                    f"deadline of {total:g}s passed waiting for an identical request in flight",
+                    result="deadline_exceeded",
+                )
+            )
+            raise self._exhausted(ex, ex.attempts, 0) from None
+        if entry is not None:
+            return await self.serve_cached(ex, entry, 0), 0.0
+        return None, loop.time() - started
+
     async def serve_cached(
         self, ex: Exchange, entry: CachedResponse, attempts: int
     ) -> web.StreamResponse:
-        """Answer from the cache (a hit, or a stale answer after `attempts` failed ones).
+        """Answer from the cache (a hit, a stale answer after `attempts` failed ones, or the
+        answer of an identical request in flight).
 
-        Accounted like any answer, with outcome cache_hit / cache_stale and no cost.
+        Accounted like any answer, with outcome cache_hit / cache_stale / coalesced and no cost.
         """
         plan = ex.cache
         assert plan is not None
@@ -361,7 +399,9 @@ class Forwarder:
             "x-modelplane-config-version": ex.snapshot.version,
             "x-request-id": ex.request_id,
         }
-        outcome = Outcome.CACHE_STALE if plan.state is CacheState.STALE else Outcome.CACHE_HIT
+        outcome = _SERVED_FROM_CACHE[plan.state]
+        if plan.leader is not None:
+            headers["x-modelplane-coalesced-with"] = plan.leader
         frames = None
         if ex.request.stream:
             options = ex.request.body.get("stream_options")
@@ -690,6 +730,7 @@ class Forwarder:
                 elapsed,
                 ex.decision_ms,
                 ttft,
+                _coalesced_with(ex),
             )
         )
 
@@ -845,6 +886,12 @@ def _replica_failed(ex: Exchange, replica: ReplicaState | None, *, connect: bool
     ex.failed_replicas.add(replica.url)
     if connect:
         replica.connection_failed(time.monotonic())
+
+
+def _coalesced_with(ex: Exchange) -> dict[str, Any] | None:
+    """The audit record of a coalesced answer names the request whose upstream call gave it."""
+    leader = ex.cache.leader if ex.cache is not None else None
+    return None if leader is None else {"coalescedWith": leader}
 
 
 def _unchanged(frames: bytes) -> bytes:

@@ -53,6 +53,9 @@ class Outcome(StrEnum):
     CACHE_HIT = "cache_hit"
     #: Every endpoint failed (or none could be tried); the app got the last cached answer.
     CACHE_STALE = "cache_stale"
+    #: Answered by an identical request's upstream call that was in flight; nothing was sent
+    #: upstream for this one (request coalescing).
+    COALESCED = "coalesced"
 
 
 class SyncState(StrEnum):

@@ -180,7 +180,7 @@ class Sidecar:
         #: Strategy lanes (docs/cache-and-lanes.md): the response cache and lane admission.
         self.cache = ResponseCache(metrics)
         self.lanes = LaneGate(metrics)
-        self._batch_api = BatchApi(self._current, self._client_session, metrics)
+        self._batch_api = BatchApi(self._current, self._client_session, metrics, audit)
         self._scraper: LoadScraper | None = None
 
     @property
@@ -375,6 +375,8 @@ class Sidecar:
         if found is not None:
             cache = self.cache.plan(snapshot, routed, alias, route, found.sensitivity)
         lane = self.lanes.lane_for(snapshot, routed, alias, route)
+        if cache is not None:
+            cache.lane = lane.value
         if not self.lanes.limited(snapshot, lane):
             return cache, None
         return cache, functools.partial(self.lanes.admit, snapshot, routed, decision, lane)

@@ -5,7 +5,8 @@ does not cache (the common case costs one dict lookup). Otherwise the plan says 
 request may be answered from the cache and whether its answer may be stored, and carries the key:
 a sensitive request, a non-deterministic one (unless the route or the app allows it) and one the
 app marks `no-store` are bypassed. The forwarder stores successful answers through the plan, and
-when every candidate failed asks it for a stale answer if the route allows that.
+when every candidate failed asks it for a stale answer if the route allows that. Identical
+requests in flight at once share one upstream call through the plan (`follow`, `coalesce.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..providers.base import Usage
 from ..routing import RoutedRequest
 from ..routing.classify import Sensitivity
 from ..runtime import Snapshot
+from .coalesce import FOLLOW_LIMIT, Flight, Flights
 from .key import cache_key, deterministic, policy_version, tenant_of
 from .replay import StreamRecorder
 from .store import CachedResponse, LocalStore
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 #: Request header: `allow` (cache although not deterministic), `no-cache` (do not answer from
 #: the cache, but store the fresh answer), `no-store` (neither); comma-separated.
 CONTROL_HEADER = "x-modelplane-cache-control"
-#: Response header: hit, miss, stale or bypass.
+#: Response header: hit, miss, stale, coalesced or bypass.
 STATE_HEADER = "x-modelplane-cache"
 _CONTROLS = frozenset({"allow", "no-cache", "no-store"})
 
@@ -45,6 +47,8 @@ class CacheState(StrEnum):
     HIT = "hit"
     MISS = "miss"
     STALE = "stale"
+    #: Answered by an identical request's upstream call that was in flight (single flight).
+    COALESCED = "coalesced"
     #: Caching is on for the route, but not for this request (sensitive, not deterministic,
     #: or the app said no-store).
     BYPASS = "bypass"
@@ -94,6 +98,24 @@ class CacheMetrics:
             ["backend", "operation"],
             registry=r,
         )
+        self.coalesced = Counter(
+            "modelplane_cache_coalesced",
+            "Requests answered by waiting for an identical request's upstream call in flight.",
+            ["model"],
+            registry=r,
+        )
+        self.coalesce_fallbacks = Counter(
+            "modelplane_cache_coalesce_fallbacks",
+            "Requests that found an identical one in flight but called upstream themselves, by "
+            "reason (leader-failed, waiters-full, follow-limit).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.coalesce_waiting = Gauge(
+            "modelplane_cache_coalesce_waiting",
+            "Requests now waiting for an identical request's upstream call.",
+            registry=r,
+        )
         self.backend_up = Gauge(
             "modelplane_cache_backend_up",
             "1 while the shared cache backend answers, 0 while its breaker is open.",
@@ -122,6 +144,8 @@ class ResponseCache:
         self.redis: RedisStore | None = None
         self._setups: dict[str, _Setup] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        #: Upstream calls that identical requests may wait for (request coalescing).
+        self.flights = Flights()
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -282,7 +306,19 @@ def _sensitive(sensitivity: Sensitivity, default_class: str) -> bool:
 class CachePlan:
     """The cache's part in one request (`key` None: bypassed, nothing read or stored)."""
 
-    __slots__ = ("_cache", "key", "model", "policy", "read", "state", "tenant")
+    __slots__ = (
+        "_answer",
+        "_cache",
+        "flight",
+        "key",
+        "lane",
+        "leader",
+        "model",
+        "policy",
+        "read",
+        "state",
+        "tenant",
+    )
 
     def __init__(
         self,
@@ -302,6 +338,13 @@ class CachePlan:
         self.read = read
         #: What the `x-modelplane-cache` response header says.
         self.state = state
+        #: The request's lane: requests coalesce only with requests of the same lane.
+        self.lane = ""
+        #: The flight this request leads (it makes the upstream call others wait for).
+        self.flight: Flight | None = None
+        #: A coalesced answer: the request id of the request whose call gave it.
+        self.leader: str | None = None
+        self._answer: CachedResponse | None = None
 
     @property
     def writes(self) -> bool:
@@ -340,6 +383,59 @@ class CachePlan:
     def store(self, body: bytes, endpoint: str) -> None:
         if self.key is not None:
             self._cache._store(self, body, endpoint)
+            if self.flight is not None:
+                now = self._cache._clock()
+                self._answer = CachedResponse(body, endpoint, self.tenant, now, now, now)
+
+    @property
+    def coalesces(self) -> bool:
+        return self.key is not None and self.policy.coalesce
+
+    async def follow(self, request_id: str, within: float) -> CachedResponse | None:
+        """Wait for an identical request in flight and return its answer, or None: this request
+        calls upstream itself, leading a new flight when none is in the air.
+
+        TimeoutError when `within` seconds (the request's own deadline) pass while waiting.
+        """
+        assert self.key is not None
+        cache = self._cache
+        metrics = cache.metrics
+        flights = cache.flights
+        key = f"{self.key}/{self.lane}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        followed = 0
+        while (flight := flights.get(key)) is not None:
+            if not self.read:
+                # no-cache: wants an answer of its own, and leaves the flight in the air.
+                return None
+            if followed >= FOLLOW_LIMIT:
+                metrics.coalesce_fallbacks.labels(self.model, "follow-limit").inc()
+                return None
+            if flight.waiters >= self.policy.coalesce_max_waiters:
+                metrics.coalesce_fallbacks.labels(self.model, "waiters-full").inc()
+                return None
+            followed += 1
+            metrics.coalesce_waiting.inc()
+            try:
+                answer = await flight.wait(deadline - loop.time())
+            finally:
+                metrics.coalesce_waiting.dec()
+            if answer is not None:
+                metrics.coalesced.labels(self.model).inc()
+                self.state = CacheState.COALESCED
+                self.leader = flight.leader
+                return answer
+            metrics.coalesce_fallbacks.labels(self.model, "leader-failed").inc()
+        self.flight = flights.take_off(key, request_id)
+        return None
+
+    def land(self) -> None:
+        """The leading request ended: hand its answer (if it got a complete one) to the flight's
+        waiters."""
+        flight, self.flight = self.flight, None
+        if flight is not None:
+            self._cache.flights.land(flight, self._answer)
 
     def recorder(self) -> StreamRecorder | None:
         """A recorder for a streamed answer (None when nothing will be stored)."""

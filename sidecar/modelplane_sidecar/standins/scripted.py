@@ -33,6 +33,9 @@ class Behaviour:
     retry_after: str | None = None
     cut_after: int = 2
     delay: float = 0.0
+    #: Hold the answer until this event is set (on the stand-in's loop): lets a test answer
+    #: only once other requests have reached a known state, without sleeping.
+    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -108,6 +111,8 @@ class ScriptedStandIn:
         behaviour = self.next_behaviour()
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
+        if behaviour.hold is not None:
+            await behaviour.hold.wait()
         if behaviour.kind == "status":
             raise self.scripted_error(behaviour)
         if behaviour.kind == "hang":

@@ -1,0 +1,396 @@
+"""Request coalescing (single flight) through a real sidecar, with the async `openai` SDK as apps.
+
+Concurrency is made deterministic with the stand-in's `hold` behaviour: the first request's
+upstream answer is held until the test has seen, in the sidecar's own gauge, that the other
+requests are waiting for it; no test sleeps for a request to get somewhere. Every answer the
+stand-in makes has a fresh `id`, so answers that share an id came from one upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from harness import Router, ServerThread, Upstreams, chain_config, endpoint
+
+from modelplane_sidecar.audit import AuditChain, AuditLog, generate_key
+from modelplane_sidecar.auditing import AuditTrail, Identity
+from modelplane_sidecar.cache.coalesce import Flights
+from modelplane_sidecar.config import parse_config
+from modelplane_sidecar.metrics import SidecarMetrics
+from modelplane_sidecar.server import create_app
+from modelplane_sidecar.standins.openai import Behaviour
+
+QUESTION = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
+WAITING = "modelplane_cache_coalesce_waiting"
+
+
+def config(url: str, namespace: str = "team-a", **cache: Any) -> dict[str, Any]:
+    raw = chain_config([endpoint("a", url)], retry={"maxAttempts": 1})
+    raw["metadata"] = {"name": "team", "namespace": namespace}
+    raw["models"][0]["cache"] = {"enabled": True, **cache}
+    return raw
+
+
+def client(router: Router) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Wait (bounded, about 30 s at most) until `check()` holds."""
+    for _ in range(3000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def release(upstreams: Upstreams, gate: asyncio.Event) -> None:
+    upstreams.servers.loop.call_soon_threadsafe(gate.set)
+
+
+async def ask(
+    app: openai.AsyncOpenAI, request_id: str, **kwargs: Any
+) -> tuple[dict[str, str], Any]:
+    """(response headers, the completion); a stream is read to its end and joined."""
+    params: dict[str, Any] = {"model": "chat", "messages": QUESTION, "temperature": 0, **kwargs}
+    raw = await app.chat.completions.with_raw_response.create(
+        **params, extra_headers={"x-request-id": request_id}
+    )
+    parsed = raw.parse()
+    if not params.get("stream"):
+        return dict(raw.headers), parsed
+    chunks = [chunk async for chunk in parsed]
+    return dict(raw.headers), chunks
+
+
+def streamed_text(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+class _KeptBytes(io.BytesIO):
+    def close(self) -> None:
+        """AuditLog.close() closes its sink; keep the bytes readable."""
+
+
+async def test_identical_requests_in_flight_share_one_upstream_call(upstreams: Upstreams) -> None:
+    standin, url = upstreams.openai("a")
+    raw = config(url)
+    raw["endpoints"][0]["pricing"] = {"inputPerMtok": 5, "outputPerMtok": 15}
+    sink = _KeptBytes()
+    metrics = SidecarMetrics()
+    log = AuditLog(AuditChain(generate_key()), sink, {"pod": "p"}, flush_interval=0.01)
+    app = create_app(parse_config(raw), metrics, AuditTrail(log, Identity("team-a"), metrics))
+    servers: ServerThread = upstreams.servers
+    router = Router(servers, app, servers.serve(app))
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate))
+    sdk = client(router)
+
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    followers = [
+        asyncio.create_task(ask(sdk, "plain-1")),
+        asyncio.create_task(ask(sdk, "plain-2", top_p=1)),  # same question, default spelt out
+        asyncio.create_task(ask(sdk, "stream-1", stream=True)),
+        asyncio.create_task(
+            ask(sdk, "stream-2", stream=True, stream_options={"include_usage": True})
+        ),
+    ]
+    await until(lambda: router.metric(WAITING) == 4, "four followers waiting")
+    assert len(standin.received) == 1
+    release(upstreams, gate)
+    lead_headers, answer = await leader
+    plain = [await f for f in followers[:2]]
+    streams = [await f for f in followers[2:]]
+
+    assert lead_headers["x-modelplane-cache"] == "miss"
+    assert len(standin.received) == 1
+    for headers, completion in plain:
+        assert headers["x-modelplane-cache"] == "coalesced"
+        assert headers["x-modelplane-coalesced-with"] == "leader"
+        assert headers["x-modelplane-endpoint"] == "a"
+        assert completion.id == answer.id
+        assert completion.choices[0].message.content == answer.choices[0].message.content
+    for headers, chunks in streams:
+        assert headers["x-modelplane-cache"] == "coalesced"
+        assert headers["content-type"].startswith("text/event-stream")
+        assert {c.id for c in chunks} == {answer.id}
+        assert streamed_text(chunks) == answer.choices[0].message.content
+    usage = streams[1][1][-1].usage
+    assert usage is not None and usage.total_tokens == answer.usage.total_tokens
+    assert router.metric("modelplane_cache_coalesced_total", model="chat") == 4
+    assert router.metric("modelplane_requests_total", outcome="coalesced") == 4
+    assert router.metric("modelplane_requests_total", outcome="ok") == 1
+    assert router.metric(WAITING) == 0
+    # The leader's answer was stored as usual: the next one is a plain hit.
+    headers, again = await ask(sdk, "later")
+    assert headers["x-modelplane-cache"] == "hit" and again.id == answer.id
+
+    records: list[dict[str, Any]] = []
+    for _ in range(3000):
+        lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
+        records = [r for r in lines if r["type"] == "request"]
+        if len(records) == 6:
+            break
+        await asyncio.sleep(0.01)
+    by_id = {r["requestId"]: r for r in records}
+    assert by_id["leader"]["outcome"] == "ok" and by_id["leader"]["costUsd"] > 0
+    assert "coalescedWith" not in by_id["leader"]
+    for follower in ("plain-1", "plain-2", "stream-1", "stream-2"):
+        record = by_id[follower]
+        assert record["outcome"] == "coalesced" and record["status"] == 200
+        assert record["coalescedWith"] == "leader"
+        assert record["costUsd"] == 0 and record["tokens"] is None
+        assert record["endpoint"] is None and record["attempts"] == []
+    assert by_id["later"]["outcome"] == "cache_hit"
+    spent = router.metric("modelplane_cost_usd_total", endpoint="a")
+    assert spent == pytest.approx(by_id["leader"]["costUsd"])
+
+
+async def test_a_streaming_leader_answers_plain_and_streaming_followers(
+    upstreams: Upstreams,
+) -> None:
+    standin, url = upstreams.openai("a")
+    router = upstreams.router(config(url))
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate))
+    sdk = client(router)
+    leader = asyncio.create_task(ask(sdk, "leader", stream=True))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    plain = asyncio.create_task(ask(sdk, "plain"))
+    streamed = asyncio.create_task(ask(sdk, "streamed", stream=True))
+    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    release(upstreams, gate)
+    (lead_headers, lead_chunks), (plain_headers, completion), (headers, chunks) = (
+        await leader,
+        await plain,
+        await streamed,
+    )
+    assert lead_headers["x-modelplane-cache"] == "miss"
+    assert plain_headers["x-modelplane-cache"] == headers["x-modelplane-cache"] == "coalesced"
+    assert completion.choices[0].message.content == streamed_text(lead_chunks)
+    assert completion.choices[0].finish_reason == "stop"
+    assert streamed_text(chunks) == streamed_text(lead_chunks)
+    assert len(standin.received) == 1
+
+
+async def test_when_the_leader_fails_one_follower_calls_upstream_and_the_rest_follow_it(
+    upstreams: Upstreams,
+) -> None:
+    standin, url = upstreams.openai("a")
+    router = upstreams.router(config(url))
+    gate = asyncio.Event()
+    standin.then(Behaviour("status", 500, hold=gate))
+    sdk = client(router)
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(3)]
+    await until(lambda: router.metric(WAITING) == 3, "three followers waiting")
+    release(upstreams, gate)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await leader
+    assert caught.value.status_code == 502
+    results = [await f for f in followers]
+    states = sorted(headers["x-modelplane-cache"] for headers, _ in results)
+    assert states == ["coalesced", "coalesced", "miss"]
+    assert len({completion.id for _, completion in results}) == 1
+    new_leader = next(h["x-request-id"] for h, _ in results if h["x-modelplane-cache"] == "miss")
+    assert all(
+        h["x-modelplane-coalesced-with"] == new_leader
+        for h, _ in results
+        if h["x-modelplane-cache"] == "coalesced"
+    )
+    assert len(standin.received) == 2
+    fallbacks = "modelplane_cache_coalesce_fallbacks_total"
+    assert router.metric(fallbacks, model="chat", reason="leader-failed") == 3
+
+
+async def test_a_request_follows_at_most_two_flights_then_calls_upstream_itself(
+    upstreams: Upstreams,
+) -> None:
+    standin, url = upstreams.openai("a")
+    router = upstreams.router(config(url))
+    gate = asyncio.Event()
+    # The first leader fails once released; the second (the first follower to resume) fails at
+    # once. Of the two left, each has followed two flights: one leads a third, and the other,
+    # finding that one in the air, calls upstream on its own.
+    standin.then(Behaviour("status", 500, hold=gate), Behaviour("status", 500))
+    sdk = client(router)
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(3)]
+    await until(lambda: router.metric(WAITING) == 3, "three followers waiting")
+    release(upstreams, gate)
+    outcomes = await asyncio.gather(leader, *followers, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, openai.InternalServerError)]
+    served = [o for o in outcomes if isinstance(o, tuple)]
+    assert len(failed) == 2 and len(served) == 2
+    assert [headers["x-modelplane-cache"] for headers, _ in served] == ["miss", "miss"]
+    assert len(standin.received) == 4
+    fallbacks = "modelplane_cache_coalesce_fallbacks_total"
+    assert router.metric(fallbacks, reason="leader-failed") == 3 + 2
+    assert router.metric(fallbacks, reason="follow-limit") == 1
+
+
+async def test_waiters_are_bounded_and_the_next_request_calls_upstream(
+    upstreams: Upstreams,
+) -> None:
+    standin, url = upstreams.openai("a")
+    router = upstreams.router(config(url, coalesceMaxWaiters=2))
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate))
+    sdk = client(router)
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(2)]
+    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    # The flight is full: this one calls upstream itself, and is answered while the leader
+    # is still held.
+    headers, own = await ask(sdk, "third")
+    assert headers["x-modelplane-cache"] == "miss"
+    assert router.metric("modelplane_cache_coalesce_fallbacks_total", reason="waiters-full") == 1
+    release(upstreams, gate)
+    _, answer = await leader
+    for follower in followers:
+        headers, completion = await follower
+        assert headers["x-modelplane-cache"] == "coalesced" and completion.id == answer.id
+    assert own.id != answer.id
+    assert len(standin.received) == 2
+
+
+async def test_a_follower_that_goes_away_does_not_cancel_the_leader(upstreams: Upstreams) -> None:
+    standin, url = upstreams.openai("a")
+    router = upstreams.router(config(url))
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate))
+    sdk = client(router)
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    quitter = asyncio.create_task(ask(sdk, "quitter"))
+    stayer = asyncio.create_task(ask(sdk, "stayer"))
+    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    quitter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    await until(lambda: router.metric(WAITING) == 1, "the quitter's wait to end")
+    await until(
+        lambda: router.metric("modelplane_requests_total", outcome="client_disconnected") == 1,
+        "the quitter to be accounted",
+    )
+    release(upstreams, gate)
+    lead_headers, answer = await leader
+    headers, completion = await stayer
+    assert lead_headers["x-modelplane-cache"] == "miss"
+    assert headers["x-modelplane-cache"] == "coalesced" and completion.id == answer.id
+    assert len(standin.received) == 1 and standin.cancelled == 0
+
+
+async def test_a_leader_that_goes_away_does_not_strand_its_followers(
+    upstreams: Upstreams,
+) -> None:
+    standin, url = upstreams.openai("a")
+    router = upstreams.router(config(url))
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate))
+    sdk = client(router)
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(2)]
+    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    results = [await f for f in followers]
+    assert sorted(h["x-modelplane-cache"] for h, _ in results) == ["coalesced", "miss"]
+    assert results[0][1].id == results[1][1].id
+    assert len(standin.received) == 2
+    assert router.metric("modelplane_requests_total", outcome="client_disconnected") == 1
+    await until(lambda: standin.cancelled == 1, "the abandoned upstream call to be dropped")
+    release(upstreams, gate)
+
+
+async def test_a_follower_waits_no_longer_than_its_own_deadline(upstreams: Upstreams) -> None:
+    """The leader waits in a full real-time lane (its deadline starts once admitted); the
+    follower's deadline covers its wait and ends it with the router's 503. (The leader's own
+    answer is not checked: its short deadline is only there to be the follower's.)"""
+    standin, url = upstreams.openai("a")
+    busy, busy_url = upstreams.openai("busy")
+    raw = config(url)
+    raw["models"][0]["timeout"] = {"totalSeconds": 1}
+    raw["endpoints"].append(endpoint("busy", busy_url))
+    raw["models"].append({"name": "slow", "endpoints": ["busy"]})
+    raw["lanes"] = {"realtime": {"maxConcurrency": 1, "maxQueue": 4, "maxWaitSeconds": 60}}
+    router = upstreams.router(raw)
+    gate = asyncio.Event()
+    busy.then(Behaviour(hold=gate))
+    sdk = client(router)
+    occupier = asyncio.create_task(ask(sdk, "occupier", model="slow"))
+    await until(lambda: len(busy.received) == 1, "the lane's one slot to be taken")
+    leader = asyncio.create_task(ask(sdk, "leader"))
+    await until(
+        lambda: router.metric("modelplane_lane_queued_requests", lane="realtime") == 1,
+        "the leader to queue for the lane",
+    )
+    with pytest.raises(openai.APIStatusError) as caught:
+        await ask(sdk, "follower")
+    assert caught.value.status_code == 503
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "no_endpoint_available"
+    assert "waiting for an identical request in flight" in error["message"]
+    assert len(standin.received) == 0
+    release(upstreams, gate)
+    await occupier
+    await asyncio.gather(leader, return_exceptions=True)
+    assert router.metric("modelplane_cache_coalesced_total") == 0
+
+
+async def test_sensitive_requests_and_other_tenants_never_coalesce(upstreams: Upstreams) -> None:
+    standin, url = upstreams.openai("a")
+    raw = config(url, deterministicOnly=False)
+    router = upstreams.router(raw)
+    sdk = client(router)
+    personal = [{"role": "user", "content": "Write to jane.doe@example.com about the invoice."}]
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate), Behaviour(hold=gate))
+    first = asyncio.create_task(ask(sdk, "p1", messages=personal))
+    second = asyncio.create_task(ask(sdk, "p2", messages=personal))
+    # Both reach the upstream while the first is held: the second did not wait for it.
+    await until(lambda: len(standin.received) == 2, "both sensitive requests upstream")
+    assert router.metric(WAITING) == 0
+    release(upstreams, gate)
+    assert [(await t)[0]["x-modelplane-cache"] for t in (first, second)] == ["bypass", "bypass"]
+
+    gate = asyncio.Event()
+    standin.then(Behaviour(hold=gate))
+    team_a = asyncio.create_task(ask(sdk, "team-a"))
+    await until(lambda: len(standin.received) == 3, "team-a's upstream call")
+    router.holder.apply(parse_config(config(url, "team-b", deterministicOnly=False)), "test")
+    headers, own = await ask(sdk, "team-b")  # answered while team-a's call is still held
+    assert headers["x-modelplane-cache"] == "miss"
+    release(upstreams, gate)
+    _, other = await team_a
+    assert own.id != other.id and len(standin.received) == 4
+    assert router.metric("modelplane_cache_coalesced_total") == 0
+
+
+async def test_a_flight_that_never_lands_times_a_waiter_out_and_stays_in_the_air() -> None:
+    flights = Flights()
+    flight = flights.take_off("k", "leader")
+    with pytest.raises(TimeoutError):
+        await flight.wait(0.01)
+    assert flight.waiters == 0 and flights.get("k") is flight
+    waiter = asyncio.create_task(flight.wait(30))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not flight.landed and flight.waiters == 0
+    flights.land(flight, None)
+    assert flights.get("k") is None and len(flights) == 0
+    assert await flight.wait(30) is None
