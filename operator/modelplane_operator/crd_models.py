@@ -217,7 +217,8 @@ class ModelEndpointSpec(_Spec):
     )
     """Extra, non-secret headers sent upstream on every call."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Provider-specific settings, e.g. Azure's apiVersion and deployment."""
+    """Provider-specific settings, e.g. Azure's apiVersion and deployment, or Bedrock's
+    credentialSource (webIdentity: the pod's IRSA role; container: EKS Pod Identity)."""
 
 
 # --- RoutingPolicy -----------------------------------------------------------------------------

@@ -314,6 +314,39 @@ def test_invalid_endpoint_specs(spec: dict[str, Any], expected: str) -> None:
     assert expected in verdict.message
 
 
+def test_a_bedrock_endpoint_on_the_pods_own_aws_role_needs_no_secret() -> None:
+    bedrock = endpoint(
+        "claude",
+        provider="bedrock",
+        model="eu.anthropic.claude-sonnet-4-20250514-v1:0",
+        baseURL="https://bedrock-runtime.eu-central-1.amazonaws.com",
+        region="eu-central-1",
+        credentials=None,
+        options={"credentialSource": "webIdentity", "countTokensModel": "anthropic.claude-x"},
+    )
+    result = compile_([bedrock], [policy("p", route("chat", "claude"))], secrets={})
+
+    assert result.verdict("ModelEndpoint", "claude").ready
+    assert result.config is not None
+    shipped = parse_config(wire_config(result.config)).endpoint("claude")
+    assert shipped.api_key is None
+    assert shipped.options["credentialSource"] == "webIdentity"
+    assert shipped.options["countTokensModel"] == "anthropic.claude-x"
+
+    wrong = endpoint(
+        "claude",
+        provider="bedrock",
+        baseURL="https://bedrock-runtime.eu-central-1.amazonaws.com",
+        credentials=None,
+        options={"credentialSource": "instanceMetadata"},
+    )
+    verdict = compile_([wrong], [policy("p", route("chat", "claude"))], secrets={}).verdict(
+        "ModelEndpoint", "claude"
+    )
+    assert verdict.reason == ENDPOINT_INVALID
+    assert "credentialSource" in verdict.message
+
+
 def test_options_the_sidecar_rejects_are_reported_on_the_endpoint() -> None:
     result = compile_(
         [endpoint("gpt", options={"noSuchOption": True})],
