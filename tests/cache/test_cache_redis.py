@@ -20,12 +20,17 @@ from modelplane_sidecar.config import RedisCache
 QUESTION = [{"role": "user", "content": "Name the largest planet of the solar system."}]
 
 
-def config(url: str, redis_url: str, namespace: str = "team-a") -> dict[str, Any]:
+def config(
+    url: str, redis_url: str, namespace: str = "team-a", timeout: float = 5.0
+) -> dict[str, Any]:
+    """A cached alias on a Redis backend. The timeout is generous unless a test wants it to
+    fire: a loaded machine can take more than the production default for a Redis round trip,
+    and a timed-out read or write turns an expected hit into a miss."""
     raw = chain_config([endpoint("a", url)], retry={"maxAttempts": 1})
     raw["metadata"] = {"name": "team", "namespace": namespace}
     raw["models"][0]["cache"] = {"enabled": True}
     raw["cache"] = {
-        "redis": {"url": redis_url, "timeoutSeconds": 0.2, "retrySeconds": 0.3},
+        "redis": {"url": redis_url, "timeoutSeconds": timeout, "retrySeconds": 0.3},
     }
     return raw
 
@@ -98,7 +103,7 @@ def test_a_frozen_redis_times_out_instead_of_holding_requests(
     upstreams: Upstreams, redis_server: RedisServer
 ) -> None:
     standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url, redis_server.url))
+    router = upstreams.router(config(url, redis_server.url, timeout=0.2))
     assert redis_server.process is not None
     os.kill(redis_server.process.pid, signal.SIGSTOP)
     try:
@@ -113,7 +118,9 @@ def test_a_frozen_redis_times_out_instead_of_holding_requests(
 async def test_a_value_of_another_tenant_under_a_key_is_ignored(
     redis_server: RedisServer,
 ) -> None:
-    store = RedisStore(RedisCache(url=redis_server.url))
+    # A generous timeout: the default 0.1 s can pass on a loaded machine, and a read that timed
+    # out also comes back None.
+    store = RedisStore(RedisCache.model_validate({"url": redis_server.url, "timeoutSeconds": 5}))
     try:
         now = time.time()
         foreign = CachedResponse(b"{}", "a", "ns:team-b", now, now + 60, now + 60)
