@@ -246,6 +246,26 @@ async def test_refresh_starts_in_the_background_before_the_mandatory_window(
         await runner.cleanup()
 
 
+async def test_a_quietly_failed_background_refresh_is_not_retried_by_every_request(
+    clean_aws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sts = StsStandIn(lifetimes=[720.0])
+    runner, port = await start_site(sts.app())
+    try:
+        _irsa(monkeypatch, clean_aws, sts, f"http://127.0.0.1:{port}")
+        keys = TemporaryAwsCredentials("webIdentity", "eu-central-1", None, retry_seconds=3600)
+        first = await keys.current(10)
+        sts.failure = (400, "InvalidIdentityToken", "Token is expired")
+        assert await keys.current(10) is first  # starts the background refresh
+        # In the advisory window botocore keeps the old keys when STS fails...
+        assert (await keys.refreshed(10)).aws == first.aws
+        for _ in range(3):  # ...and the next requests do not each call STS again.
+            assert (await keys.current(10)).aws == first.aws
+        assert len(sts.calls) == 2
+    finally:
+        await runner.cleanup()
+
+
 # -- EKS Pod Identity ----------------------------------------------------------------------------
 
 

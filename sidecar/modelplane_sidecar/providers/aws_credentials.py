@@ -9,9 +9,10 @@ Pod Identity, ECS: `AWS_CONTAINER_CREDENTIALS_FULL_URI` or `..._RELATIVE_URI`, w
 thread, never on the event loop: the first request waits for the first keys; later requests
 use the keys in hand, a refresh starts in the background 15 minutes before they expire
 (botocore's advisory window) and requests wait for it only in the last 10 (its mandatory
-window). One refresh runs at a time; after a failure, the next try waits `retry_seconds`, and
-requests get a failure naming the credential source, never a secret. botocore honours
-`AWS_ENDPOINT_URL_STS` and `AWS_REGION`; STS is called in the endpoint's region.
+window). One refresh runs at a time; a background one at most every `retry_seconds`, and after
+a failure requests get that failure (naming the credential source, never a secret) for
+`retry_seconds` before the next try. botocore honours `AWS_ENDPOINT_URL_STS` and `AWS_REGION`;
+STS is called in the endpoint's region.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class TemporaryAwsCredentials:
         self._region = region
         self._profile = profile
         self._load = load
-        #: After a failed refresh, how long requests get that failure before the next try.
+        #: Least time between two refreshes that did not bring keys good for the advisory
+        #: window (after a failure, requests get that failure meanwhile).
         self.retry_seconds = retry_seconds
         #: botocore's credentials object (it knows the expiry); None until the first load.
         self._loaded: Any = None
@@ -162,7 +164,7 @@ class TemporaryAwsCredentials:
         self._refresh: asyncio.Future[Credentials] | None = None
         self._task: asyncio.Task[None] | None = None
         self._failure: UpstreamFailure | None = None
-        self._failed_at = 0.0
+        self._attempted_at = -float("inf")
         self.refreshes = 0
 
     def __eq__(self, other: object) -> bool:
@@ -187,7 +189,7 @@ class TemporaryAwsCredentials:
         if current is not None and not self._due(ADVISORY_REFRESH_SECONDS):
             return current
         if current is not None and not self._due(MANDATORY_REFRESH_SECONDS):
-            if self._refresh is None and not self._cooling_down():
+            if self._refresh is None and self._may_try():
                 self._start_refresh()
             return current
         return await self.refreshed(wait_seconds)
@@ -195,7 +197,7 @@ class TemporaryAwsCredentials:
     async def refreshed(self, wait_seconds: float) -> Credentials:
         """Wait (at most `wait_seconds`) for the running refresh, starting one if needed."""
         if self._refresh is None:
-            if self._cooling_down() and self._failure is not None:
+            if self._failure is not None and not self._may_try():
                 raise self._failure
             self._start_refresh()
         assert self._refresh is not None
@@ -207,10 +209,13 @@ class TemporaryAwsCredentials:
                 f"AWS credentials from {self.description}: no answer within {wait_seconds:.2f}s",
             ) from None
 
-    def _cooling_down(self) -> bool:
-        return self._failure is not None and time.monotonic() - self._failed_at < self.retry_seconds
+    def _may_try(self) -> bool:
+        # Also after a "successful" advisory refresh that botocore let fail quietly (it keeps
+        # the old keys): without this, every request of the window would call STS again.
+        return time.monotonic() - self._attempted_at >= self.retry_seconds
 
     def _start_refresh(self) -> None:
+        self._attempted_at = time.monotonic()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Credentials] = loop.create_future()
         self._refresh = future
@@ -227,7 +232,7 @@ class TemporaryAwsCredentials:
                 f"AWS credentials from {self.description} could not be {verb}: "
                 f"{self._safe_detail(exc)}",
             )
-            self._failure, self._failed_at = failure, time.monotonic()
+            self._failure = failure
             if not future.done():
                 future.set_exception(failure)
                 # Nobody may be waiting (a background refresh): the exception is not lost,
