@@ -149,8 +149,10 @@ def _expect_error(call: Callable[[], object]) -> Callable[[], None]:
 
 
 def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) -> None:
-    lanes = {"batch": {"maxConcurrency": 1, "maxQueue": 1, "maxWaitSeconds": 0.3}}
-    router, _, llama, _ = _world(upstreams, lanes, delay=1.0)
+    # The queued request must still be waiting when the third one arrives (maxWaitSeconds),
+    # and give up before the running one ends (delay): a second and more of slack each.
+    lanes = {"batch": {"maxConcurrency": 1, "maxQueue": 1, "maxWaitSeconds": 1.5}}
+    router, _, llama, _ = _world(upstreams, lanes, delay=3.5)
     client = _sync(router)
 
     def batch() -> object:
@@ -214,7 +216,9 @@ async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstr
 
 
 def test_a_batch_request_waits_where_real_time_would_get_429(upstreams: Upstreams) -> None:
-    router, _, llama, _ = _world(upstreams, {}, delay=0.3)
+    router, _, llama, _ = _world(upstreams, {})
+    # The four busy requests hold llama long enough for the next ones to find it full.
+    llama.then(*(Behaviour(delay=2.0) for _ in range(4)))
     client = _sync(router)
 
     def local(**extra: Any) -> Any:
