@@ -15,8 +15,8 @@ loaded at a time. Prints one side-by-side table, the added latency against direc
 each process after the load. Needs `wrk` on PATH (bench/run.sh installs it from Debian).
 
 With `--compare REV` the sidecar as it was at git revision REV runs beside the current one
-(target `before`, its own process on the proxies' core, the same CLI), so a change is measured
-against its baseline in the same run.
+(target `before`, its own process on the proxies' core, with that revision's CLI), so a change
+is measured against its baseline in the same run.
 
 Run: .venv/bin/python bench/bench_proxy.py   (or `make bench`)
 """
@@ -129,15 +129,16 @@ models:
 """
 
 
-def sidecar_at(rev: str, into: Path) -> Path:
-    """The sidecar package as it was at git revision `rev`, unpacked below `into` (for
-    PYTHONPATH: it shadows the installed working tree's package)."""
+def sidecar_at(rev: str, into: Path) -> str:
+    """The sidecar and CLI packages as they were at git revision `rev`, unpacked below `into`;
+    returns their PYTHONPATH (it shadows the installed working tree's packages, so `modelplane
+    serve` runs that revision's CLI too: what it imports is part of the sidecar's memory)."""
     archive = subprocess.run(
-        ["git", "archive", rev, "sidecar"], cwd=ROOT, capture_output=True, check=True
+        ["git", "archive", rev, "sidecar", "cli"], cwd=ROOT, capture_output=True, check=True
     ).stdout
     into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into / "sidecar"
+    return os.pathsep.join(str(into / part) for part in ("sidecar", "cli"))
 
 
 def free_port() -> int:
@@ -450,7 +451,7 @@ def main() -> int:
         targets: tuple[str, ...] = TARGETS
         if args.compare:
             ports[BEFORE] = before_port = free_port()
-            env = {**os.environ, "PYTHONPATH": str(sidecar_at(args.compare, workdir / "rev"))}
+            env = {**os.environ, "PYTHONPATH": sidecar_at(args.compare, workdir / "rev")}
             argv = [modelplane, "serve", "--config", str(config), "--port", str(before_port)]
             by_target[BEFORE] = start(
                 BEFORE, [*argv, "--log-level", "warning"], before_port, proxy_cpu, workdir, env

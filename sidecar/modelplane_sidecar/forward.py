@@ -242,9 +242,10 @@ class Forwarder:
         breaker_policy = alias.circuit_breaker
         deadline = loop.time() + alias.timeout.total_seconds - waited
         records = ex.attempts
-        records.extend(
-            AttemptRecord(name, 0, f"removed: {why}") for name, why in ex.decision.removed
-        )
+        if ex.decision.removed:
+            records.extend(
+                AttemptRecord(name, 0, f"removed: {why}") for name, why in ex.decision.removed
+            )
         attempts = 0
         tried_endpoints = 0
         last_client_failure: tuple[EndpointRuntime, UpstreamFailure] | None = None
@@ -273,7 +274,8 @@ class Forwarder:
                 if remaining <= 0:
                     deadline_hit = True
                     break
-                if not await self._reserve(ex, endpoint):
+                # Without a spend tracker there is nothing to reserve (and no coroutine to run).
+                if self._spend is not None and not await self._reserve(ex, endpoint):
                     break
                 attempts += 1
                 try:

@@ -521,10 +521,34 @@ class Sensitivity:
         }
 
 
+#: id(policy) -> (policy, its result for a request with no finding and no declared class): what
+#: almost every request gets, built once per config instead of once per request. The policy is
+#: kept alive with its entry, so its id cannot be reused while the entry exists.
+_PLAIN: dict[int, tuple[SensitivityPolicy, Sensitivity]] = {}
+_PLAIN_MAX = 8
+
+
+def _plain(policy: SensitivityPolicy) -> Sensitivity:
+    cached = _PLAIN.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    classes = frozenset((policy.default_class,))
+    restricted = tuple(c for c in policy.classes if c.name in classes and c.allowed_tags)
+    result = Sensitivity((), classes, None, restricted)
+    if len(_PLAIN) >= _PLAIN_MAX:
+        _PLAIN.clear()
+    _PLAIN[id(policy)] = (policy, result)
+    return result
+
+
 def classify_sensitivity(
     text: str, headers: Mapping[str, str], policy: SensitivityPolicy
 ) -> Sensitivity:
     labels = detect(text, policy.detectors) if policy.detectors else []
+    if not labels and (
+        policy.declared_class_header is None or not headers.get(policy.declared_class_header)
+    ):
+        return _plain(policy)
     classes = {policy.default_class}
     classes.update(policy.detectors[label] for label in labels)
     declared: str | None = None
