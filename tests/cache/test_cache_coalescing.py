@@ -73,6 +73,35 @@ def streamed_text(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+class Scene:
+    """A sidecar before stand-in `a`; `lead()` sends the first request and holds its upstream
+    answer (`gate`) until `release()`, `follow()` sends identical ones and waits until the
+    sidecar says they are all waiting for it."""
+
+    def __init__(self, upstreams: Upstreams, **cache: Any) -> None:
+        self.upstreams = upstreams
+        self.standin, url = upstreams.openai("a")
+        self.router = upstreams.router(config(url, **cache))
+        self.sdk = client(self.router)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def lead(self, *script: Behaviour, **kwargs: Any) -> asyncio.Task[Any]:
+        self.standin.then(*(script or (Behaviour(hold=self.gate),)))
+        task = asyncio.create_task(ask(self.sdk, "leader", **kwargs))
+        await until(lambda: len(self.standin.received) == 1, "the leader's upstream call")
+        return task
+
+    async def follow(self, *ids: str, **kwargs: Any) -> list[asyncio.Task[Any]]:
+        tasks = [asyncio.create_task(ask(self.sdk, i, **kwargs)) for i in ids]
+        self.waiting += len(ids)
+        await until(lambda: self.router.metric(WAITING) == self.waiting, f"{ids} waiting")
+        return tasks
+
+    def release(self) -> None:
+        release(self.upstreams, self.gate)
+
+
 class _KeptBytes(io.BytesIO):
     def close(self) -> None:
         """AuditLog.close() closes its sink; keep the bytes readable."""
@@ -156,17 +185,11 @@ async def test_identical_requests_in_flight_share_one_upstream_call(upstreams: U
 async def test_a_streaming_leader_answers_plain_and_streaming_followers(
     upstreams: Upstreams,
 ) -> None:
-    standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url))
-    gate = asyncio.Event()
-    standin.then(Behaviour(hold=gate))
-    sdk = client(router)
-    leader = asyncio.create_task(ask(sdk, "leader", stream=True))
-    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
-    plain = asyncio.create_task(ask(sdk, "plain"))
-    streamed = asyncio.create_task(ask(sdk, "streamed", stream=True))
-    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
-    release(upstreams, gate)
+    scene = Scene(upstreams)
+    leader = await scene.lead(stream=True)
+    (plain,) = await scene.follow("plain")
+    (streamed,) = await scene.follow("streamed", stream=True)
+    scene.release()
     (lead_headers, lead_chunks), (plain_headers, completion), (headers, chunks) = (
         await leader,
         await plain,
@@ -177,22 +200,17 @@ async def test_a_streaming_leader_answers_plain_and_streaming_followers(
     assert completion.choices[0].message.content == streamed_text(lead_chunks)
     assert completion.choices[0].finish_reason == "stop"
     assert streamed_text(chunks) == streamed_text(lead_chunks)
-    assert len(standin.received) == 1
+    assert len(scene.standin.received) == 1
 
 
 async def test_when_the_leader_fails_one_follower_calls_upstream_and_the_rest_follow_it(
     upstreams: Upstreams,
 ) -> None:
-    standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url))
-    gate = asyncio.Event()
-    standin.then(Behaviour("status", 500, hold=gate))
-    sdk = client(router)
-    leader = asyncio.create_task(ask(sdk, "leader"))
-    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
-    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(3)]
-    await until(lambda: router.metric(WAITING) == 3, "three followers waiting")
-    release(upstreams, gate)
+    scene = Scene(upstreams)
+    standin, router = scene.standin, scene.router
+    leader = await scene.lead(Behaviour("status", 500, hold=scene.gate))
+    followers = await scene.follow("f0", "f1", "f2")
+    scene.release()
     with pytest.raises(openai.InternalServerError) as caught:
         await leader
     assert caught.value.status_code == 502
@@ -214,19 +232,14 @@ async def test_when_the_leader_fails_one_follower_calls_upstream_and_the_rest_fo
 async def test_a_request_follows_at_most_two_flights_then_calls_upstream_itself(
     upstreams: Upstreams,
 ) -> None:
-    standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url))
-    gate = asyncio.Event()
+    scene = Scene(upstreams)
+    standin, router = scene.standin, scene.router
     # The first leader fails once released; the second (the first follower to resume) fails at
     # once. Of the two left, each has followed two flights: one leads a third, and the other,
     # finding that one in the air, calls upstream on its own.
-    standin.then(Behaviour("status", 500, hold=gate), Behaviour("status", 500))
-    sdk = client(router)
-    leader = asyncio.create_task(ask(sdk, "leader"))
-    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
-    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(3)]
-    await until(lambda: router.metric(WAITING) == 3, "three followers waiting")
-    release(upstreams, gate)
+    leader = await scene.lead(Behaviour("status", 500, hold=scene.gate), Behaviour("status", 500))
+    followers = await scene.follow("f0", "f1", "f2")
+    scene.release()
     outcomes = await asyncio.gather(leader, *followers, return_exceptions=True)
     failed = [o for o in outcomes if isinstance(o, openai.InternalServerError)]
     served = [o for o in outcomes if isinstance(o, tuple)]
@@ -241,21 +254,16 @@ async def test_a_request_follows_at_most_two_flights_then_calls_upstream_itself(
 async def test_waiters_are_bounded_and_the_next_request_calls_upstream(
     upstreams: Upstreams,
 ) -> None:
-    standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url, coalesceMaxWaiters=2))
-    gate = asyncio.Event()
-    standin.then(Behaviour(hold=gate))
-    sdk = client(router)
-    leader = asyncio.create_task(ask(sdk, "leader"))
-    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
-    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(2)]
-    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    scene = Scene(upstreams, coalesceMaxWaiters=2)
+    standin, router, sdk = scene.standin, scene.router, scene.sdk
+    leader = await scene.lead()
+    followers = await scene.follow("f0", "f1")
     # The flight is full: this one calls upstream itself, and is answered while the leader
     # is still held.
     headers, own = await ask(sdk, "third")
     assert headers["x-modelplane-cache"] == "miss"
     assert router.metric("modelplane_cache_coalesce_fallbacks_total", reason="waiters-full") == 1
-    release(upstreams, gate)
+    scene.release()
     _, answer = await leader
     for follower in followers:
         headers, completion = await follower
@@ -265,16 +273,10 @@ async def test_waiters_are_bounded_and_the_next_request_calls_upstream(
 
 
 async def test_a_follower_that_goes_away_does_not_cancel_the_leader(upstreams: Upstreams) -> None:
-    standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url))
-    gate = asyncio.Event()
-    standin.then(Behaviour(hold=gate))
-    sdk = client(router)
-    leader = asyncio.create_task(ask(sdk, "leader"))
-    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
-    quitter = asyncio.create_task(ask(sdk, "quitter"))
-    stayer = asyncio.create_task(ask(sdk, "stayer"))
-    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    scene = Scene(upstreams)
+    standin, router = scene.standin, scene.router
+    leader = await scene.lead()
+    quitter, stayer = await scene.follow("quitter", "stayer")
     quitter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await quitter
@@ -283,7 +285,7 @@ async def test_a_follower_that_goes_away_does_not_cancel_the_leader(upstreams: U
         lambda: router.metric("modelplane_requests_total", outcome="client_disconnected") == 1,
         "the quitter to be accounted",
     )
-    release(upstreams, gate)
+    scene.release()
     lead_headers, answer = await leader
     headers, completion = await stayer
     assert lead_headers["x-modelplane-cache"] == "miss"
@@ -294,15 +296,10 @@ async def test_a_follower_that_goes_away_does_not_cancel_the_leader(upstreams: U
 async def test_a_leader_that_goes_away_does_not_strand_its_followers(
     upstreams: Upstreams,
 ) -> None:
-    standin, url = upstreams.openai("a")
-    router = upstreams.router(config(url))
-    gate = asyncio.Event()
-    standin.then(Behaviour(hold=gate))
-    sdk = client(router)
-    leader = asyncio.create_task(ask(sdk, "leader"))
-    await until(lambda: len(standin.received) == 1, "the leader's upstream call")
-    followers = [asyncio.create_task(ask(sdk, f"f{i}")) for i in range(2)]
-    await until(lambda: router.metric(WAITING) == 2, "two followers waiting")
+    scene = Scene(upstreams)
+    standin, router = scene.standin, scene.router
+    leader = await scene.lead()
+    followers = await scene.follow("f0", "f1")
     leader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leader
@@ -312,7 +309,7 @@ async def test_a_leader_that_goes_away_does_not_strand_its_followers(
     assert len(standin.received) == 2
     assert router.metric("modelplane_requests_total", outcome="client_disconnected") == 1
     await until(lambda: standin.cancelled == 1, "the abandoned upstream call to be dropped")
-    release(upstreams, gate)
+    scene.release()
 
 
 async def test_a_follower_waits_no_longer_than_its_own_deadline(upstreams: Upstreams) -> None:
