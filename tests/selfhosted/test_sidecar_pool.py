@@ -17,6 +17,7 @@ import openai
 import pytest
 from harness import Router, Upstreams
 
+from modelplane_sidecar.pool import replicas
 from modelplane_sidecar.standins.vllm import VLLMStandIn
 
 EMAIL_PROMPT = "Summarise the complaint from jane.doe@example.com about her invoice."
@@ -126,7 +127,12 @@ def test_the_replica_with_a_queue_gets_less_and_not_ready_replicas_get_nothing(
     assert idle.served == 30
 
 
-def test_a_replica_that_refuses_connections_is_retried_elsewhere(upstreams: Upstreams) -> None:
+def test_a_replica_that_refuses_connections_is_retried_elsewhere(
+    upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cool-down that outlasts the test: on a loaded machine twelve requests can take longer
+    # than the real 2 s, and the dead replica would be tried (and cost an attempt) again.
+    monkeypatch.setattr(replicas, "COOL_DOWN_SECONDS", 600.0)
     good, good_url = vllm(upstreams, "good")
     _, cloud_url = upstreams.openai("cloud")
     dead_url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
@@ -140,7 +146,7 @@ def test_a_replica_that_refuses_connections_is_retried_elsewhere(upstreams: Upst
         attempts[raw.headers["x-modelplane-attempts"]] += 1
     assert good.served == 12
     # The dead replica cost at most one extra attempt, and only until its cool-down started.
-    assert attempts["1"] >= 10
+    assert attempts["1"] >= 11
     assert set(attempts) <= {"1", "2"}
 
 
@@ -216,7 +222,8 @@ def test_a_held_sensitive_request_is_served_by_the_pool_once_it_has_capacity(
 
     worker = threading.Thread(target=sensitive)
     worker.start()
-    time.sleep(0.5)
+    held = "modelplane_overflow_decisions_total"
+    wait_until(lambda: router.metric(held, rule="model:chat", outcome="held") == 1, "the hold")
     assert "answer" not in result  # held: the pool is still saturated
     a.extra_waiting = 0
     worker.join(20)
