@@ -62,6 +62,7 @@ class Install:
             "operator.streamPort": str(self.stream_port),
             "operator.watchNamespaces[0]": self.namespace,
             "certificates.checkIntervalSeconds": "1",
+            "operator.secretResyncSeconds": "1",
             **extra,
         }
         flags = [f"--set={key}={value}" for key, value in settings.items()]

@@ -202,6 +202,8 @@ class Operator:
             f"--tls-cert-file={cert.cert}",
             f"--tls-key-file={cert.key}",
             "--debounce=0.1",
+            # Secrets are re-read, not watched: keep a created or rotated one's delay short.
+            "--secret-resync-seconds=1",
         ]
         args += [f"--namespace={ns}" for ns in namespaces]
         self.process = Process(args, log_dir / f"operator-{self.port}.log", cluster.env())
