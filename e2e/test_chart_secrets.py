@@ -88,7 +88,8 @@ def test_the_operator_may_get_secrets_of_watched_namespaces_and_never_list_or_wa
     deployed: Deployed,
 ) -> None:
     apps, elsewhere, release = deployed.apps, deployed.elsewhere, deployed.install.namespace
-    assert can_i(deployed, "get", "-n", apps)
+    # The apiserver's authorizer learns of new Roles through a watch: allow it a moment.
+    wait_for(lambda: can_i(deployed, "get", "-n", apps) or None, "the Role in the app namespace")
     assert not can_i(deployed, "list", "-n", apps)
     assert not can_i(deployed, "watch", "-n", apps)
     assert not can_i(deployed, "get", "-n", elsewhere)

@@ -78,6 +78,8 @@ def test_every_option_renders_objects_the_apiserver_accepts(
         "--set=metrics.serviceMonitor.enabled=true",
         "--set=webhook.failurePolicy=Fail",
         "--set=operator.replicas=2",
+        f"--set=operator.watchNamespaces[0]={namespace}",
+        "--set=sidecar.auditSigningKey.existingSecret=modelplane-audit-key",
     ).stdout
     objects = [o for o in yaml.load_all(rendered, Loader=_StrictLoader) if o]
 
@@ -91,6 +93,8 @@ def test_every_option_renders_objects_the_apiserver_accepts(
             "NetworkPolicy",
             "PodDisruptionBudget",
             "Role",
+            "Role",
+            "RoleBinding",
             "RoleBinding",
             "Service",
             "Service",
@@ -110,6 +114,20 @@ def test_every_option_renders_objects_the_apiserver_accepts(
         input=yaml.safe_dump_all(accepted),
     )
     assert result.stdout.count("created (server dry run)") == len(accepted)
+    # Secrets: get only, and only in the watched namespace; the audit key reaches the webhook.
+    secret_rules = [
+        rule
+        for o in objects
+        if o["kind"] in ("ClusterRole", "Role")
+        for rule in o["rules"]
+        if "secrets" in rule["resources"]
+    ]
+    assert all(set(rule["verbs"]) <= {"get", "create", "update"} for rule in secret_rules)
+    (cluster_role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert not any("secrets" in rule["resources"] for rule in cluster_role["rules"])
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--sidecar-audit-key-secret=modelplane-audit-key" in args
 
 
 def test_operator_outage_blocks_pods_only_with_failure_policy_fail(
