@@ -17,8 +17,7 @@ import orjson
 from aiohttp import web
 
 from ..errors import ApiError
-from ..providers.base import FailureKind, TokenCounter, UpstreamFailure
-from ..providers.base import Operation as Op
+from ..providers.base import FailureKind, Operation, TokenCounter, UpstreamFailure
 from ..routing import RoutedRequest, decide
 from ..runtime import EndpointRuntime, Snapshot
 from .anthropic import count_tokens_request
@@ -45,7 +44,8 @@ async def count_tokens(
 ) -> web.Response:
     """Anthropic's answer to a count_tokens request; raises ApiError for the error answers."""
     chat = count_tokens_request(dict(body))
-    decision = decide(snapshot, RoutedRequest(Op.CHAT, chat, http.headers, chat["model"], False))
+    routed = RoutedRequest(Operation.CHAT, chat, http.headers, chat["model"], False)
+    decision = decide(snapshot, routed)
     counters = [e for e in decision.candidates if isinstance(e.adapter, TokenCounter)]
     headers = {"x-request-id": request_id, "x-modelplane-rule": decision.rule}
     if not counters:
