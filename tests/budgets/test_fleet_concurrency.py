@@ -98,7 +98,7 @@ HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 class Record:
     decided: list[tuple[float, BudgetMode, Tier | None, str]] = field(default_factory=list)
     switches: list[tuple[BudgetMode, Tier | None, float]] = field(default_factory=list)
-    refusals: list[dict[str, float]] = field(default_factory=list)
+    refusals: list[dict[str, Any]] = field(default_factory=list)
     blocked_by_mode: int = 0
     charged: float = 0.0
     overrun: float = 0.0
@@ -149,8 +149,11 @@ class Fleet:
         self.trackers = [
             # Every refusal asks the operator (no refuse-without-asking window), so the check
             # of refusals below measures the books, not the window.
+            # A generous wait: on a loaded CI machine 4,000 calls through one event loop can
+            # keep a request waiting for its lease for many seconds, and a refusal for "the
+            # operator did not answer in time" would not be the books' answer this test checks.
             SpendTracker(
-                f"pod-{i}", wait_seconds=20.0, exhausted_seconds=0.0, on_settle=self._settled
+                f"pod-{i}", wait_seconds=600.0, exhausted_seconds=0.0, on_settle=self._settled
             )
             for i in range(SIDECARS)
         ]
@@ -238,6 +241,7 @@ class Fleet:
                     "idle": idle,
                     "free": self.ledger.free,
                     "answered": float("is exhausted for this period" in refusal.message),
+                    "message": refusal.message,
                 }
             )
             return
@@ -327,4 +331,4 @@ async def test_thousands_of_concurrent_requests_never_overspend_one_budget(seed:
     # it recalled the idle leases of the other sidecars (not a sidecar giving up), and by the end
     # less than 1% of the limit is left (asserted above).
     for refusal in record.refusals:
-        assert refusal["answered"], "refused without the operator saying so"
+        assert refusal["answered"], f"refused without the operator saying so: {refusal['message']}"
