@@ -43,7 +43,12 @@ class Concurrency:
 
 
 def _world(
-    upstreams: Upstreams, lanes: dict[str, Any], *, delay: float = 0.0, **model: Any
+    upstreams: Upstreams,
+    lanes: dict[str, Any],
+    *,
+    delay: float = 0.0,
+    llama_slots: int = 4,
+    **model: Any,
 ) -> tuple[Router, OpenAIStandIn, OpenAIStandIn, Concurrency]:
     counter = Concurrency()
     llama = OpenAIStandIn(name="llama", default=Behaviour(delay=delay))
@@ -58,7 +63,7 @@ def _world(
                 "llama",
                 llama_url,
                 pricing={"inputPerMtok": 0, "outputPerMtok": 0},
-                limits={"maxConcurrency": 4},
+                limits={"maxConcurrency": llama_slots},
             ),
         ],
         "models": [
@@ -178,7 +183,11 @@ def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) ->
 
 async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstreams) -> None:
     lanes = {"batch": {"maxConcurrency": 16, "maxQueue": 64, "endpointShare": 0.5}}
-    router, cloud, _, counter = _world(upstreams, lanes, delay=0.02)
+    # Five slots: the batch share is int(0.5 * 5) = 2, and with the two real-time users llama is
+    # never full. (A full llama is filtered out when a batch request is routed, so that request
+    # goes to the cloud: on a loaded machine the batch requests arrive spread out, and some would
+    # find llama full and go to the cloud.)
+    router, cloud, _, counter = _world(upstreams, lanes, delay=0.02, llama_slots=5)
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
 
     async def batch_job(n: int) -> str:
@@ -207,7 +216,7 @@ async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstr
     assert batch_served == ["llama"] * 40
     # Real-time requests on the same self-hosted endpoint were never refused for capacity.
     assert all(served == ["llama"] * 5 for served in realtime_served)
-    assert counter.peak["batch"] == 2  # half of llama's maxConcurrency of 4, and no more
+    assert counter.peak["batch"] == 2  # half of llama's maxConcurrency of 5, and no more
     assert counter.peak["realtime"] >= 1
     assert not cloud.received
     assert router.metric("modelplane_lane_admitted_total", lane="batch") == 40
