@@ -14,6 +14,7 @@ scrape, are exercised on loopback in tests/selfhosted/ and tests/operator/test_s
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ def explained_replicas(sidecar: Sidecar) -> list[tuple[str, bool]]:
     with opener.open(request, timeout=10) as resp:
         trace = json.loads(resp.read())
     return [(r["url"], r["ready"]) for r in (trace["replicas"] or {}).get("llama", [])]
+
+
+def config_source(sidecar: Sidecar) -> str:
+    """Where the config the sidecar serves came from (its modelplane_config_info metric)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(sidecar.base_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r'^modelplane_config_info\{[^}]*source="([^"]*)"', text, re.MULTILINE)
+    return found.group(1) if found else ""
 
 
 def replica_status(cluster: Cluster, namespace: str) -> dict[str, int] | None:
@@ -125,9 +135,15 @@ def test_endpoint_slices_reach_the_sidecar_and_unready_addresses_leave_routing(
         ready = get(cluster, namespace, "modelendpoint", "llama")["status"]["conditions"][0]
         assert ready["message"] == f"Service {namespace}/llama: 2 of 2 replicas ready"
 
-        # A pod becomes unready: within seconds routing no longer considers it.
+        # A pod becomes unready: within seconds routing no longer considers it. Only replicas
+        # changed, so it came as a replica update, not a full snapshot (docs/operator.md).
         set_ready(cluster, namespace, "llama-b", False)
         wait_for(lambda: explained_replicas(running) == [(A, True), (B, False)], "B unready")
+        assert config_source(running).startswith("control-plane-replicas:")
+        wait_for(
+            lambda: shipped_replicas(running) == [(A, True), (B, False)],
+            "the update in the last-known-good file",
+        )
         wait_for(
             lambda: replica_status(cluster, namespace) == {"ready": 1, "total": 2},
             "status.replicas after the change",
