@@ -30,7 +30,9 @@ class OperatorMetrics:
         self.connections = Counter(
             "modelplane_operator_stream_connections",
             "Sidecar connections to the config stream, by result (accepted, unauthenticated, "
-            "auth_unavailable when the TokenReview API could not be asked).",
+            "auth_unavailable when the TokenReview API could not be asked; relay: a follower's "
+            "multiplexed spend connection, whose streams count as unauthenticated or "
+            "auth_unavailable when refused).",
             ["result"],
             registry=r,
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from config_stream import NAMESPACE, budgeted_config, eventually, review, streamed_sidecar
@@ -23,7 +24,7 @@ from modelplane_operator.budget.ledger import BudgetLedger
 from modelplane_operator.budget.service import BudgetService
 from modelplane_operator.distribution.auth import Authenticator
 from modelplane_operator.distribution.hub import ConfigHub
-from modelplane_operator.distribution.relay import Peer, SpendRelays
+from modelplane_operator.distribution.relay import RELAY_PATH, Peer, SpendRelays
 from modelplane_operator.distribution.server import StreamServer
 from modelplane_sidecar.spend import SpendTracker
 from modelplane_sidecar.standins import start_site
@@ -205,3 +206,66 @@ def _port(server: StreamServer) -> int:
     assert runner is not None
     (address,) = runner.addresses
     return int(address[1])
+
+
+async def test_the_leader_holds_one_relay_connection_for_all_of_a_followers_sidecars(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    follower_url = f"http://127.0.0.1:{_port(fleet.follower)}"
+    for name in ("b", "c"):
+        (tmp_path / name).mkdir()
+    async with (
+        streamed_sidecar(follower_url, tmp_path / "b") as second,
+        streamed_sidecar(follower_url, tmp_path / "c") as third,
+    ):
+        trackers = [fleet.tracker, second.tracker, third.tracker]
+        await eventually(
+            lambda: all(t.lease("daily").epoch for t in trackers), "every sidecar's first lease"
+        )
+        for app in (fleet.app, second.client, third.client):
+            await app.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hello there"}]
+            )
+        ledger = fleet.ledger()
+        await eventually(
+            lambda: ledger.endpoints.get("gpt") and ledger.endpoints["gpt"].requests == 3,
+            "the usage reports",
+        )
+
+        # Three holders on the books, each with its own lease and spend, over one connection.
+        holders = {t.holder for t in trackers}
+        assert set(ledger.holders) == holders
+        assert all(h.connected and h.granted > 0 and h.settled > 0 for h in ledger.holders.values())
+        assert ledger.spent == pytest.approx(sum(h.settled for h in ledger.holders.values()))
+        assert fleet.leader.metrics.connections.labels("relay")._value.get() == 1
+        assert fleet.leader.metrics.connections.labels("accepted")._value.get() == 0
+        assert fleet.follower.relays is not None and fleet.follower.relays.connections == 1
+
+
+async def test_each_relayed_stream_is_reviewed_and_a_refused_one_closes_alone(
+    fleet: Fleet,
+) -> None:
+    """A hand-driven follower: one stream with a sidecar's token, one with a bad token."""
+    await eventually(lambda: fleet.tracker.lease("daily").epoch, "the real sidecar's lease")
+    url = f"http://127.0.0.1:{_port(fleet.leader)}{RELAY_PATH}"
+    hello = {"type": "hello", "node": "n", "features": ["spend/v1"], "holder": "x/abcd"}
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        await ws.send_json({"type": "hello", "relay": "operator-2"})
+        await ws.send_json({"type": "open", "stream": 7, "token": "forged", "hello": hello})
+        await ws.send_json({"type": "open", "stream": 8, "token": "tok-a", "hello": hello})
+        await ws.send_json({"type": "data", "stream": 7, "message": {"type": "usage"}})
+
+        frames = {}
+        for _ in range(20):
+            data = await ws.receive_json(timeout=5)
+            frames.setdefault(data["stream"], data)
+            if len(frames) == 2:
+                break
+
+    assert frames[7]["type"] == "close"
+    assert frames[7]["reason"].startswith("401: ")
+    # The good stream is a holder of its own (pod from the review, process from the hello).
+    assert frames[8]["type"] == "data" and frames[8]["message"]["type"] == "lease"
+    assert "app-pod/abcd" in fleet.ledger().holders
+    # The real sidecar's stream, relayed by the real follower, was not disturbed.
+    assert fleet.ledger().holders[fleet.tracker.holder].connected

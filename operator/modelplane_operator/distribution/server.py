@@ -8,6 +8,7 @@ hub pushes snapshots and the sidecar answers each with an ACK or a NACK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Coroutine
@@ -32,13 +33,15 @@ from ..kube import KubeError
 from ..metrics import OperatorMetrics
 from .auth import Authenticator, AuthError
 from .hub import ConfigHub, Identity, Session
-from .relay import RELAY, SpendRelay, SpendRelays
+from .relay import CLOSE, DATA, OPEN, RELAY, RELAY_PATH, SpendRelay, SpendRelays, frame
 
 log = logging.getLogger("modelplane.operator.stream")
 
 HELLO_TIMEOUT_SECONDS = 10.0
 #: A config with a few hundred endpoints is well below this; it bounds what a sidecar can send.
 MAX_MESSAGE_BYTES = 64 * 1024
+#: Messages of one relayed sidecar the leader keeps before it is served; more and its stream closes.
+MAX_RELAYED = 1024
 #: Close codes: spend moved to another replica (reconnect now); a relay reached a replica that
 #: does not keep the budget books (try again later).
 SPEND_MOVED = 1012
@@ -78,6 +81,7 @@ class StreamServer:
     def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(STREAM_PATH, self.stream)
+        app.router.add_get(RELAY_PATH, self.relay_stream)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.on_shutdown.append(self._close_sockets)
@@ -126,14 +130,8 @@ class StreamServer:
     async def _serve(
         self, ws: web.WebSocketResponse, identity: Identity, remote: str, token: str
     ) -> None:
-        try:
-            first = await ws.receive(timeout=HELLO_TIMEOUT_SECONDS)
-        except TimeoutError:
-            await ws.close(code=4000, message=b"expected a hello message")
-            return
-        hello = _decode(first.data) if first.type in (WSMsgType.TEXT, WSMsgType.BINARY) else None
-        if hello is None or hello.get("type") != HELLO:
-            await ws.close(code=4000, message=b"expected a hello message")
+        hello = await _receive_hello(ws)
+        if hello is None:
             return
         node = identity.pod or _text(hello.get("node"), 253) or remote
 
@@ -192,6 +190,103 @@ class StreamServer:
                 await relay.close()
             log.info("sidecar %s in %s disconnected", node, identity.namespace)
 
+    async def relay_stream(self, request: web.Request) -> web.StreamResponse:
+        """A follower's multiplexed spend connection (relay.py). It grants nothing by itself:
+        each stream on it is authenticated with its sidecar's own token, as a direct one."""
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        try:
+            await self._serve_mux(ws, request.remote or "")
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    async def _serve_mux(self, ws: web.WebSocketResponse, remote: str) -> None:
+        hello = await _receive_hello(ws)
+        if hello is None:
+            return
+        if hello.get(RELAY) is None:
+            await ws.close(code=4000, message=b"expected a relay hello message")
+            return
+        if self.budgets is None or not self.keeps_budgets():
+            await ws.close(
+                code=NOT_THE_LEADER, message=b"this operator replica does not keep the budget books"
+            )
+            return
+        replica = _text(hello.get(RELAY), 253) or remote
+        self.metrics.connections.labels("relay").inc()
+        log.info("budget relay from operator replica %s opened", replica)
+        streams: dict[int, tuple[asyncio.Queue[dict[str, Any] | None], asyncio.Task[None]]] = {}
+        self._spend_streams.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break
+                data = _decode(msg.data)
+                stream = data.get("stream") if data is not None else None
+                if data is None or not isinstance(stream, int) or isinstance(stream, bool):
+                    continue
+                kind = data.get("type")
+                if kind == OPEN and stream not in streams and isinstance(data.get("hello"), dict):
+                    inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_RELAYED)
+                    work = self._serve_stream(ws, stream, data.get("token"), data["hello"], inbox)
+                    streams[stream] = (inbox, asyncio.get_running_loop().create_task(work))
+                elif kind == DATA and stream in streams and isinstance(data.get("message"), dict):
+                    try:
+                        streams[stream][0].put_nowait(data["message"])
+                    except asyncio.QueueFull:
+                        streams.pop(stream)[1].cancel()
+                        await _send_close(ws, stream, "too many budget messages waiting")
+                elif kind == CLOSE and stream in streams:
+                    streams.pop(stream)[0].put_nowait(None)
+        finally:
+            self._spend_streams.discard(ws)
+            for _, task in streams.values():
+                task.cancel()
+            await asyncio.gather(*(task for _, task in streams.values()), return_exceptions=True)
+            log.info("budget relay from operator replica %s closed", replica)
+
+    async def _serve_stream(
+        self,
+        ws: web.WebSocketResponse,
+        stream: int,
+        token: object,
+        hello: dict[str, Any],
+        inbox: asyncio.Queue[dict[str, Any] | None],
+    ) -> None:
+        """One relayed sidecar connection: reviewed and booked exactly as a direct one."""
+        if not isinstance(token, str) or not token.strip():
+            await _send_close(ws, stream, "401: missing bearer token")
+            return
+        try:
+            identity = await self.authenticator.authenticate(token.strip())
+        except AuthError as exc:
+            self.metrics.connections.labels("unauthenticated").inc()
+            await _send_close(ws, stream, f"401: {exc}")
+            return
+        except (KubeError, OSError, TimeoutError) as exc:
+            log.error("TokenReview failed: %s", exc)
+            self.metrics.connections.labels("auth_unavailable").inc()
+            await _send_close(ws, stream, "503: cannot verify the token right now; retry later")
+            return
+        node = identity.pod or _text(hello.get("node"), 253) or "relayed"
+
+        async def send(message: bytes) -> None:
+            await ws.send_frame(frame(DATA, stream, message), WSMsgType.TEXT)
+
+        spend = self._spend_session(identity, node, hello, send)
+        if spend is None or self.budgets is None or not self.keeps_budgets():
+            await _send_close(ws, stream, "this operator replica does not keep the budget books")
+            return
+        try:
+            await self.budgets.connect(spend)
+            while (message := await inbox.get()) is not None:
+                if message.get("type") == USAGE:
+                    await self.budgets.usage(spend, message)
+        finally:
+            self.budgets.disconnect(spend)
+
     async def _serve_relayed(
         self,
         ws: web.WebSocketResponse,
@@ -200,7 +295,8 @@ class StreamServer:
         hello: dict[str, Any],
         send: Send,
     ) -> None:
-        """Another replica relays one of its sidecars' spend messages: books only, no configs."""
+        """Another replica (of a version before the multiplexed relay) relays one of its
+        sidecars' spend messages on a connection of its own: books only, no configs."""
         spend = self._spend_session(identity, node, hello, send)
         if spend is None or self.budgets is None or not self.keeps_budgets():
             await ws.close(
@@ -235,6 +331,8 @@ class StreamServer:
             *(ws.close(code=SPEND_MOVED, message=reason.encode()[:120]) for ws in sockets),
             return_exceptions=True,
         )
+        if self.relays is not None:
+            await self.relays.reset(reason)  # a relay to the leader must not outlive its term
         if sockets:
             log.info("closed %d streams that carry spend: %s", len(sockets), reason)
         return len(sockets)
@@ -273,6 +371,28 @@ class StreamServer:
             await self._runner.cleanup()
         if self.relays is not None:
             await self.relays.close()
+
+
+async def _receive_hello(ws: web.WebSocketResponse) -> dict[str, Any] | None:
+    """The first message, which must be a hello; None (and the socket closed) otherwise."""
+    try:
+        first = await ws.receive(timeout=HELLO_TIMEOUT_SECONDS)
+    except TimeoutError:
+        first = None
+    hello = (
+        _decode(first.data)
+        if first is not None and first.type in (WSMsgType.TEXT, WSMsgType.BINARY)
+        else None
+    )
+    if hello is None or hello.get("type") != HELLO:
+        await ws.close(code=4000, message=b"expected a hello message")
+        return None
+    return hello
+
+
+async def _send_close(ws: web.WebSocketResponse, stream: int, reason: str) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_frame(frame(CLOSE, stream, reason=reason), WSMsgType.TEXT)
 
 
 def _speaks_spend(hello: dict[str, Any]) -> bool:
