@@ -26,6 +26,7 @@ from modelplane_operator.distribution.auth import Authenticator
 from modelplane_operator.distribution.hub import ConfigHub
 from modelplane_operator.distribution.relay import RELAY_PATH, Peer, SpendRelays
 from modelplane_operator.distribution.server import StreamServer
+from modelplane_sidecar.controlplane import STREAM_PATH
 from modelplane_sidecar.spend import SpendTracker
 from modelplane_sidecar.standins import start_site
 from modelplane_sidecar.standins.openai import OpenAIStandIn
@@ -269,3 +270,30 @@ async def test_each_relayed_stream_is_reviewed_and_a_refused_one_closes_alone(
     assert "app-pod/abcd" in fleet.ledger().holders
     # The real sidecar's stream, relayed by the real follower, was not disturbed.
     assert fleet.ledger().holders[fleet.tracker.holder].connected
+
+
+async def test_the_leader_still_serves_the_per_sidecar_relay_of_an_older_follower(
+    fleet: Fleet,
+) -> None:
+    """During a rolling update a follower of the previous version relays each sidecar on a
+    stream of its own, as that sidecar, with `relay` in the hello."""
+    url = f"http://127.0.0.1:{_port(fleet.leader)}{STREAM_PATH}"
+    hello = {
+        "type": "hello",
+        "node": "n",
+        "version": None,
+        "features": ["spend/v1"],
+        "holder": "x/beef",
+        "relay": "operator-old",
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url, headers={"authorization": "Bearer tok-a"}) as ws,
+    ):
+        await ws.send_json(hello)
+        lease = await ws.receive_json(timeout=5)
+
+        assert lease["type"] == "lease"
+        assert fleet.ledger().holders["app-pod/beef"].connected
+    # Served as spend only: the leader counts no sidecar of its own.
+    assert fleet.leader_hub.counts(NAMESPACE).connected == 0
