@@ -8,7 +8,8 @@ request of a mix of prompts, several passes, and prints p50 / p99 / max side by 
   * rules only    12 ordered rules on model, headers, metadata, tools, tokens, data classes;
                   strategies priority / weighted / lowest-cost / least-loaded; no complexity
   * rules + complexity   the same rules plus a complexity-tiers rule that most requests reach
-  * classifiers alone    sensitivity, size and complexity, each timed on its own
+  * classifiers alone    sensitivity, size and complexity, each timed on its own; complexity also
+                         without its everyday heads (the benchmark head alone, as before them)
 
 The mix: RouteLLM's MMLU and GSM8K questions (when ../shared/data/routellm-evals is present),
 multi-turn chats with a system prompt, prompts with personal data, requests with tool schemas,
@@ -329,16 +330,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(_row("size", _time_each(lambda r: classify_size(texts[id(r)]), requests, args.passes)))
-    print(
-        _row(
-            "complexity",
-            _time_each(
-                lambda r: model.score(texts[id(r)].prompt, texts[id(r)].user_turns),
-                requests,
-                args.passes,
-            ),
+    before = model.benchmark_only()
+    for name, scorer in (("complexity", model), ("complexity, benchmark head alone", before)):
+        print(
+            _row(
+                name,
+                _time_each(
+                    lambda r, m=scorer: m.score(texts[id(r)].prompt, texts[id(r)].user_turns),
+                    requests,
+                    args.passes,
+                ),
+            )
         )
-    )
     return 0
 
 

@@ -85,3 +85,62 @@ def test_size_estimate() -> None:
 @pytest.mark.skipif(not DATA.exists(), reason="shared RouteLLM data not present")
 def test_training_reproduces_the_committed_weights() -> None:
     assert train.main(["--data", str(DATA), "--check", "--skip-eval"]) == 0
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="shared RouteLLM data not present")
+def test_everyday_set_shares_no_prompt_with_the_benchmark_data() -> None:
+    benchmark = set(train.load_dataset(DATA).prompts)
+    assert not benchmark.intersection(train.load_everyday().prompts)
+
+
+def test_logistic_fit_separates_and_is_deterministic() -> None:
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(400, 3))
+    z = rng.normal(size=(400, 2))
+    y = (emb[:, 0] - emb[:, 1] + 0.5 * z[:, 0] > 0).astype(np.float64)
+    weight = np.ones(400)
+    first = train.fit_logistic(emb, z, y, weight, l2=1.0)
+    again = train.fit_logistic(emb, z, y, weight, l2=1.0)
+    assert np.array_equal(first.emb_weights, again.emb_weights)
+    predicted = first.logit(emb, z) > 0
+    assert np.mean(predicted == (y == 1)) > 0.95
+    assert first.emb_weights[0] > 0 > first.emb_weights[1] and first.struct_weights[0] > 0
+
+
+def test_everyday_set_is_two_disjoint_groups() -> None:
+    everyday = train.load_everyday()
+    assert len(everyday.prompts) == len(set(everyday.prompts)) <= 400
+    trivial = int((~everyday.hard).sum())
+    assert trivial >= 100 and int(everyday.hard.sum()) >= 100
+
+
+# Plain examples of each kind that are not in the everyday set (the shipped heads saw all of it).
+_TRIVIAL = (
+    "Thank you, have a nice day!",
+    "What is the capital of Italy?",
+    "Write a haiku about winter",
+    "Translate 'good night' to French",
+    "hello :)",
+)
+_HARD = (
+    "Prove that the product of two odd integers is odd, and then prove that the square root of 3 "
+    "is irrational.",
+    "Implement a concurrent hash map in Rust with fine-grained locking, and explain how your "
+    "design avoids deadlocks and what happens when the table resizes.",
+    "Janet has 3 times as many marbles as Tom. After giving Tom 12 marbles they have the same "
+    "number. How many marbles did Janet have at first?",
+)
+
+
+def test_shipped_model_ranks_everyday_chat_below_hard_prompts() -> None:
+    assert not set(_TRIVIAL + _HARD).intersection(train.load_everyday().prompts)
+    model = default_model()
+    trivial = [model.score(p) for p in _TRIVIAL]
+    hard = [model.score(p) for p in _HARD]
+    # The default complexity-tiers thresholds are 0.35 (standard) and 0.65 (premium).
+    assert max(c.score for c in trivial) < 0.35
+    assert min(c.score for c in hard) >= 0.65
+    assert all(c.everyday > 0.5 for c in trivial)
+    # Without the everyday heads (the model before them) the chat prompts ranked high.
+    before = model.benchmark_only()
+    assert max(before.score(p).score for p in _TRIVIAL) > 0.5

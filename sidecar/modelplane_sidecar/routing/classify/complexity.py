@@ -15,13 +15,26 @@ those per-token scores and adds the structural terms. No embedding matrix is hel
 prediction takes tens of microseconds.
 
 The score is calibrated to a rank: 0.7 means the prompt needs a strong model more than 70 % of the
-training prompts did. So a threshold of t sends about 1 - t of typical traffic to the strong model,
-which is how `complexity-tiers` thresholds are meant to be read.
+training prompts did. So a threshold of t sends about 1 - t of benchmark-like traffic to the strong
+model, which is how `complexity-tiers` thresholds are meant to be read.
+
+Benchmark questions are all the RouteLLM labels cover, and everyday chat ("Thanks!", "Translate
+'good morning' to Spanish") is unlike all of them. Two small logistic heads over the same features,
+trained on the committed everyday set (`everyday_prompts.json`: prompts expected to be trivial or
+hard, written for this project) and the benchmark prompts, handle it:
+
+- the gate: how likely the prompt is everyday chat rather than benchmark-like, w in 0..1;
+- the everyday hardness: how likely an everyday prompt is one of the hard kind, h in 0..1.
+
+The score is (1 - w) * benchmark rank + w * h: a benchmark-like prompt keeps its RouteLLM rank, an
+everyday one gets its hardness. Both heads are linear in the mean embedding too, so each is one more
+per-token score table.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import math
 import re
@@ -127,14 +140,76 @@ def load_tokenizer() -> Tokenizer:
 
 @dataclass(slots=True, frozen=True)
 class Complexity:
-    #: Rank of the predicted gain among the training prompts, 0..1 (higher: more need for a
-    #: strong model).
+    #: 0..1, higher: more need for a strong model. For a benchmark-like prompt, the rank of the
+    #: predicted gain among the training prompts; for everyday chat, its everyday hardness.
     score: float
-    #: The predicted gain itself (strong minus weak correctness), roughly -0.2..0.6.
+    #: The benchmark head's predicted gain (strong minus weak correctness), roughly -0.2..0.6.
     gain: float
+    #: How likely the prompt is everyday chat rather than benchmark-like (the gate), 0..1.
+    everyday: float = 0.0
+    #: How likely an everyday prompt is of the hard kind, 0..1.
+    hardness: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
-        return {"score": round(self.score, 4), "predictedGain": round(self.gain, 4)}
+        return {
+            "score": round(self.score, 4),
+            "predictedGain": round(self.gain, 4),
+            "everyday": round(self.everyday, 4),
+            "everydayHardness": round(self.hardness, 4),
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class LinearHead:
+    """A logistic head over the mean embedding (folded into per-token scores) and clamped,
+    standardised structural features (the standardisation folded into the weights)."""
+
+    token_scores: list[float]
+    prior: float
+    struct: list[float]
+    bias: float
+
+    @classmethod
+    def from_arrays(
+        cls,
+        token_scores: npt.NDArray[np.float32],
+        prior_score: float,
+        weights: npt.NDArray[np.float64],
+        bias: float,
+        struct_mean: npt.NDArray[np.float64],
+        struct_scale: npt.NDArray[np.float64],
+    ) -> LinearHead:
+        folded = weights / struct_scale
+        return cls(
+            token_scores.astype(float).tolist(),
+            PRIOR_TOKENS * prior_score,
+            [float(v) for v in folded],
+            float(bias - float(folded @ struct_mean)),
+        )
+
+    def logit(self, ids: list[int], clamped: list[float]) -> float:
+        table = self.token_scores
+        value = self.bias + (sum([table[i] for i in ids]) + self.prior) / (len(ids) + PRIOR_TOKENS)
+        for weight, x in zip(self.struct, clamped, strict=True):
+            value += weight * x
+        return value
+
+
+@dataclass(slots=True, frozen=True)
+class EverydayHeads:
+    """The gate (everyday chat vs benchmark-like) and the everyday hardness, sharing one clamp."""
+
+    gate: LinearHead
+    hardness: LinearHead
+    low: list[float]
+    high: list[float]
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 class ComplexityModel:
@@ -152,6 +227,7 @@ class ComplexityModel:
         bias: float,
         quantiles: npt.NDArray[np.float64],
         info: dict[str, Any],
+        everyday: EverydayHeads | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         # A plain list: summing a few hundred entries is faster than a numpy gather of them.
@@ -164,6 +240,7 @@ class ComplexityModel:
         self._high = [float(v) for v in struct_range[1]]
         self._bias = float(bias - float(folded @ struct_mean))
         self._quantiles = [float(q) for q in quantiles]
+        self._everyday = everyday
         self.info = info
 
     @classmethod
@@ -181,6 +258,27 @@ class ComplexityModel:
             info = {
                 str(k): str(v) for k, v in zip(data["info_keys"], data["info_values"], strict=True)
             }
+            everyday = None
+            if "gate_token_scores" in data.files:
+                mean = data["everyday_struct_mean"].astype(np.float64)
+                scale = data["everyday_struct_scale"].astype(np.float64)
+                heads = [
+                    LinearHead.from_arrays(
+                        data[f"{name}_token_scores"].astype(np.float32),
+                        float(data[f"{name}_prior_score"]),
+                        data[f"{name}_struct_weights"].astype(np.float64),
+                        float(data[f"{name}_bias"]),
+                        mean,
+                        scale,
+                    )
+                    for name in ("gate", "hardness")
+                ]
+                everyday = EverydayHeads(
+                    heads[0],
+                    heads[1],
+                    [float(v) for v in data["everyday_struct_low"]],
+                    [float(v) for v in data["everyday_struct_high"]],
+                )
             return cls(
                 load_tokenizer(),
                 data["token_scores"].astype(np.float32),
@@ -192,7 +290,14 @@ class ComplexityModel:
                 float(data["bias"]),
                 data["quantiles"].astype(np.float64),
                 info,
+                everyday,
             )
+
+    def benchmark_only(self) -> ComplexityModel:
+        """This model without its everyday heads: the RouteLLM rank alone (for comparisons)."""
+        twin = copy.copy(self)
+        twin._everyday = None
+        return twin
 
     def score(self, prompt: str, user_turns: int = 1) -> Complexity:
         text = clip_text(prompt)
@@ -206,7 +311,18 @@ class ComplexityModel:
         ):
             # Clamped to the training range: no linear extrapolation for unlike prompts.
             gain += weight * min(high, max(low, value))
-        return Complexity(rank(self._quantiles, gain), gain)
+        benchmark_rank = rank(self._quantiles, gain)
+        heads = self._everyday
+        if heads is None:
+            return Complexity(benchmark_rank, gain)
+        clamped = [
+            min(high, max(low, value))
+            for value, low, high in zip(features, heads.low, heads.high, strict=True)
+        ]
+        everyday = _sigmoid(heads.gate.logit(ids, clamped))
+        hardness = _sigmoid(heads.hardness.logit(ids, clamped))
+        score = (1.0 - everyday) * benchmark_rank + everyday * hardness
+        return Complexity(score, gain, everyday, hardness)
 
 
 def rank(quantiles: list[float], value: float) -> float:
