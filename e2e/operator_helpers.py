@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 import openai
 from cluster import CertFiles, Cluster
 from harness import ServerThread
+from loopback_ports import free_port
 
 from modelplane_sidecar.standins.openai import OpenAIStandIn
 
@@ -48,12 +48,6 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0) ->
             return last
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def install_crds(cluster: Cluster) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import openai
 import orjson
 import pytest
 from harness import Upstreams
+from loopback_ports import free_port
 
 from modelplane_sidecar.audit import AuditChain, generate_key, public_key_text
 from modelplane_sidecar.standins.openai import Behaviour
@@ -66,16 +66,9 @@ sensitivity:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=30) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -118,7 +111,7 @@ def _serve_and_call(upstreams: Upstreams, tmp_path: Path) -> Run:
     public_key = keygen.stdout.strip()
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     audit = tmp_path / "audit.jsonl"
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             MODELPLANE,
@@ -422,7 +415,7 @@ def test_audit_on_stdout_verifies_from_the_whole_container_log(
     config = tmp_path / "router.yaml"
     config.write_text(CONFIG.format(cloud=url, onprem=url))
     container_log = tmp_path / "container.log"
-    port = _free_port()
+    port = free_port()
     with container_log.open("wb") as out:
         process = subprocess.Popen(
             [

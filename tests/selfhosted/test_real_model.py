@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 from harness import Upstreams
+from loopback_ports import free_port
 
 SERVER = Path(__file__).with_name("llamacpp_server.py")
 
@@ -33,15 +33,9 @@ if _missing:
     pytest.skip(f"not installed: {', '.join(_missing)} (make install)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("llamacpp") / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

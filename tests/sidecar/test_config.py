@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import openai
 import pytest
 import yaml
 from harness import Upstreams, chain_config, endpoint, http
+from loopback_ports import free_port
 
 from modelplane_sidecar.breaker import BreakerState, CircuitBreaker
 from modelplane_sidecar.config import (
@@ -150,12 +150,6 @@ def test_breaker_state_survives_reload_of_unchanged_endpoints(upstreams: Upstrea
     assert not router.holder.apply(parse_config(config), "test"), "same content: no swap"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     for _ in range(200):
         if proc.poll() is not None:
@@ -182,7 +176,7 @@ def test_serve_process_reloads_on_change_and_sighup_and_keeps_old_on_bad(
     config["server"] = {"watchIntervalSeconds": 0.1}
     path = tmp_path / "router.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
