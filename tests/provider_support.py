@@ -62,10 +62,10 @@ def settled(read: Callable[[], float], until: Callable[[float], bool]) -> float:
     """A metric's value once the router has finished accounting a request.
 
     Streams are accounted after the last byte is written, so a fast client can read the metric a
-    moment before that; this waits (bounded) for the accounting rather than racing it.
+    moment before that; this waits (bounded: 30 s) for the accounting rather than racing it.
     """
     value = read()
-    for _ in range(200):
+    for _ in range(3000):
         if until(value):
             return value
         time.sleep(0.01)

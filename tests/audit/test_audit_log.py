@@ -144,7 +144,7 @@ async def test_a_quiet_sidecar_signs_its_tail_after_checkpoint_seconds(
     caplog.set_level(logging.INFO, logger="modelplane.sidecar.audit")
     log.start()
     log.record({"requestId": "a"})
-    for _ in range(500):  # bounded wait for the background flush
+    for _ in range(3000):  # bounded wait (30 s) for the background flush
         if b'"checkpoint"' in sink.getvalue():
             break
         await asyncio.sleep(0.01)

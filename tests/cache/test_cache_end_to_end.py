@@ -328,7 +328,7 @@ def test_a_hit_leaves_an_audit_record_with_no_cost(upstreams: Upstreams) -> None
     ask(router)
     ask(router)
     records: list[dict[str, Any]] = []
-    for _ in range(500):
+    for _ in range(3000):
         lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
         records = [r for r in lines if r["type"] == "request"]
         if len(records) == 2:

@@ -56,7 +56,7 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[int, int]]:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 if get(f"http://127.0.0.1:{health_port}/healthz")[0] == 200:

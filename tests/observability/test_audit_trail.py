@@ -74,6 +74,22 @@ def _get(url: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def _wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until `modelplane serve` answers /readyz with 200 (bounded: 60 s; a loaded machine starts
+    Python processes slowly)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    _, err = process.communicate()
+    pytest.fail(f"sidecar did not start: {(err or b'').decode()[-3000:]}")
+
+
 def _modelplane(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [MODELPLANE, *args], capture_output=True, text=True, timeout=60, check=False
@@ -132,16 +148,7 @@ def _serve_and_call(upstreams: Upstreams, tmp_path: Path) -> Run:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            process.kill()
-            pytest.fail(f"sidecar did not start: {process.communicate()[1].decode()[-3000:]}")
+        _wait_ready(port, process)
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="placeholder", max_retries=0
         )
@@ -427,12 +434,7 @@ def test_audit_on_stdout_verifies_from_the_whole_container_log(
             stderr=subprocess.STDOUT,
         )
         try:
-            for _ in range(300):
-                try:
-                    if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                        break
-                except OSError:
-                    time.sleep(0.1)
+            _wait_ready(port, process)
             client = openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/v1", api_key="placeholder", max_retries=0
             )

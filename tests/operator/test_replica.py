@@ -158,7 +158,7 @@ class Member:
             self.controller.observe(kind, "ADDED", body)
 
     async def taken_over(self) -> None:
-        for _ in range(200):
+        for _ in range(6000):
             if self.replica.keeps_budgets():
                 return
             await asyncio.sleep(0.005)

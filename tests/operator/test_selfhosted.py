@@ -374,7 +374,7 @@ async def test_the_operator_scrapes_once_and_pushes_load_to_every_sidecar() -> N
     )
     try:
         share.update(NS, result.config)
-        for _ in range(100):
+        for _ in range(600):
             if len(received) >= 3:
                 break
             await asyncio.sleep(0.05)
@@ -435,7 +435,7 @@ async def test_load_reaches_a_sidecar_over_the_real_config_stream(tmp_path: Path
                 return None
             return snapshot.pools()["llama"].replicas[0].reading
 
-        for _ in range(200):
+        for _ in range(600):
             if reading() is not None:
                 break
             await asyncio.sleep(0.05)

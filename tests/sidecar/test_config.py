@@ -151,7 +151,7 @@ def test_breaker_state_survives_reload_of_unchanged_endpoints(upstreams: Upstrea
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
+    for _ in range(1200):  # 60 s: a loaded machine starts Python processes slowly
         if proc.poll() is not None:
             raise AssertionError(f"modelplane serve exited with {proc.returncode}")
         try:
@@ -201,7 +201,7 @@ def test_serve_process_reloads_on_change_and_sighup_and_keeps_old_on_bad(
         # A good change on disk is picked up by the watcher.
         config["models"].append({"name": "chat2", "endpoints": ["a"]})
         path.write_text(yaml.safe_dump(config))
-        for _ in range(100):
+        for _ in range(600):
             if _models(base) == ["chat", "chat2"]:
                 break
             time.sleep(0.05)
@@ -210,7 +210,7 @@ def test_serve_process_reloads_on_change_and_sighup_and_keeps_old_on_bad(
         # A broken file is rejected with a clear log line; the old config keeps serving.
         path.write_text("models: [\n")
         os.kill(proc.pid, signal.SIGHUP)
-        for _ in range(100):
+        for _ in range(600):
             if "config rejected" in log_path.read_text():
                 break
             time.sleep(0.05)
@@ -227,7 +227,7 @@ def test_serve_process_reloads_on_change_and_sighup_and_keeps_old_on_bad(
         config["models"] = config["models"][:1]
         path.write_text(yaml.safe_dump(config))
         os.kill(proc.pid, signal.SIGHUP)
-        for _ in range(100):
+        for _ in range(600):
             if _models(base) == ["chat"]:
                 break
             time.sleep(0.05)

@@ -54,7 +54,7 @@ async def _attempts(hold: float, healthy_after: float, tmp_path: Path) -> list[i
     )
     client.start()
     try:
-        for _ in range(400):
+        for _ in range(3000):
             if len(backoff.attempts) >= 4:  # type: ignore[attr-defined]
                 break
             await asyncio.sleep(0.01)

@@ -77,7 +77,7 @@ def test_stream_sync_hides_router_usage_chunk_unless_asked(upstreams: Upstreams)
     # The router asked upstream for usage anyway, to account for cost.
     assert primary.received[-1].body["stream_options"] == {"include_usage": True}
     # Accounting runs when the relay finishes, which may be just after the app saw [DONE].
-    for _ in range(100):
+    for _ in range(3000):
         if router.metric("modelplane_tokens_total", endpoint="primary", direction="output"):
             break
         time.sleep(0.01)
