@@ -147,7 +147,7 @@ def test_operator_and_sidecar_metrics_and_the_audit_trail_in_cluster_mode(
         assert EMAIL not in side
         # The trail is written in batches off the event loop: wait (bounded) until the request's
         # record is on disk, so a slow shutdown on a loaded machine cannot race the assertion.
-        for _ in range(100):
+        for _ in range(600):
             if audit.exists() and b'"type":"request"' in audit.read_bytes():
                 break
             time.sleep(0.05)

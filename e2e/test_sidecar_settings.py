@@ -79,7 +79,9 @@ def test_namespace_settings_conflicts_and_a_redis_password_from_a_secret(
             "redis": {
                 "url": redis.url,
                 "passwordSecretRef": {"name": "redis", "key": "password"},
-                "timeoutSeconds": 1,
+                # Generous: on a loaded machine a first round trip with AUTH can take a second,
+                # and a timed-out read makes the second sidecar miss the entry.
+                "timeoutSeconds": 5,
             },
         },
         "lanes": {"batch": {"maxQueue": 8}},
