@@ -38,8 +38,9 @@ async def review(token: str, audiences: list[str]) -> Mapping[str, Any]:
     }
 
 
-async def eventually(check: Callable[[], object], what: str, polls: int = 500) -> None:
-    """Wait (bounded: `polls` x 20 ms) until `check` holds."""
+async def eventually(check: Callable[[], object], what: str, polls: int = 1500) -> None:
+    """Wait (bounded: `polls` x 20 ms, 30 s by default: a loaded machine is slow) until `check`
+    holds."""
     for _ in range(polls):
         if check():
             return
