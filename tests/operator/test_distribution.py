@@ -202,7 +202,7 @@ async def test_the_operator_waits_for_an_answer_before_the_next_push(stack: Stac
         http.ws_connect(stack.url + STREAM_PATH, headers={"authorization": "Bearer tok-a"}) as ws,
     ):
         await ws.send_json({"type": "hello", "node": "manual", "version": None})
-        first = await ws.receive_json(timeout=5)
+        first = await ws.receive_json(timeout=30)
         assert first["version"] == version_of(configs[0])
 
         for config in configs[1:]:
@@ -212,7 +212,7 @@ async def test_the_operator_waits_for_an_answer_before_the_next_push(stack: Stac
             await ws.receive_json(timeout=0.3)
         await ws.send_json({"type": "ack", "version": first["version"]})
         # ...and then only the newest version, never the one in between.
-        latest = await ws.receive_json(timeout=5)
+        latest = await ws.receive_json(timeout=30)
         assert latest["version"] == version_of(configs[2])
 
 
