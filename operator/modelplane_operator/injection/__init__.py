@@ -1,7 +1,8 @@
 """Sidecar injection: a mutating admission webhook that adds the routing sidecar to app Pods.
 
 Pure parts (tested without a cluster): `settings` (what to inject, per-Pod overrides),
-`decision` (should this Pod get the sidecar?), `patch` (the JSON Patch), `admission`
+`decision` (should this Pod get the sidecar?), `patch` (the JSON Patch), `aws_credentials`
+(what of EKS's AWS credentials the sidecar gets from the app containers), `admission`
 (AdmissionReview in and out), `certs` (the CA and serving certificate). I/O parts: `webhook` (the
 aiohttp HTTPS server) and `keeper` (stores the certificates in a Secret, patches the webhook
 configuration's caBundle, rotates them before they expire).
@@ -9,7 +10,7 @@ configuration's caBundle, rotates them before they expire).
 
 from .admission import BadReview, Outcome, review_pod
 from .decision import Decision, already_injected, should_inject
-from .patch import Injection, build_patch
+from .patch import Injection, build_patch, complete_patch
 from .settings import InjectionError, InjectionSettings, SidecarResources, SidecarSpec
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "SidecarSpec",
     "already_injected",
     "build_patch",
+    "complete_patch",
     "review_pod",
     "should_inject",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .decision import should_inject
-from .patch import build_patch
+from .patch import Injection, build_patch, complete_patch
 from .settings import InjectionError, InjectionSettings, SidecarSpec
 
 API_VERSION = "admission.k8s.io/v1"
@@ -27,8 +27,8 @@ class BadReview(ValueError):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one Pod (`subject`, namespace/name): `injected`, `skipped` or `denied`,
-    and why."""
+    """What happened to one Pod (`subject`, namespace/name): `injected`, `updated` (a Pod that
+    had the sidecar got what it lacked), `skipped` or `denied`, and why."""
 
     result: str
     reason: str
@@ -84,7 +84,12 @@ def review_pod(
             pod, namespace, namespace_enabled=namespace_enabled, settings=settings
         )
         if not decision.inject:
-            return Outcome("skipped", decision.reason, _response(uid, allowed=True), subject)
+            completion = complete_patch(pod) if decision.injected_before else None
+            if completion is None or not completion.patch:
+                warnings = {"warnings": completion.warnings} if completion else {}
+                response = _response(uid, allowed=True, **warnings)
+                return Outcome("skipped", decision.reason, response, subject)
+            return Outcome("updated", completion.reason, _patched(uid, completion), subject)
         annotations = metadata.get("annotations") or {}
         injection = build_patch(
             pod, SidecarSpec.for_pod(settings, annotations), settings, ca_bundle
@@ -93,6 +98,11 @@ def review_pod(
         message = f"modelplane sidecar injection: {error}"
         status = {"code": 400, "reason": "BadRequest", "message": message}
         return Outcome("denied", str(error), _response(uid, allowed=False, status=status), subject)
+    reason = "; ".join(filter(None, (decision.reason, injection.reason)))
+    return Outcome("injected", reason, _patched(uid, injection), subject)
+
+
+def _patched(uid: str, injection: Injection) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "allowed": True,
         "patchType": "JSONPatch",
@@ -100,4 +110,4 @@ def review_pod(
     }
     if injection.warnings:
         fields["warnings"] = injection.warnings
-    return Outcome("injected", decision.reason, _response(uid, **fields), subject)
+    return _response(uid, **fields)

@@ -26,6 +26,9 @@ from .settings import (
 class Decision:
     inject: bool
     reason: str
+    #: The Pod has the sidecar already (a re-invocation, or a copied spec): it may still need
+    #: what other webhooks added after the injection (`patch.complete_patch`).
+    injected_before: bool = False
 
 
 def already_injected(pod: Mapping[str, Any]) -> bool:
@@ -66,7 +69,7 @@ def should_inject(
     if (pod.get("spec") or {}).get("hostNetwork"):
         return Decision(False, "hostNetwork Pods are never injected")
     if already_injected(pod):
-        return Decision(False, "the Pod already has the modelplane sidecar")
+        return Decision(False, "the Pod already has the modelplane sidecar", injected_before=True)
     choice = _pod_choice((pod.get("metadata") or {}).get("annotations") or {})
     if choice is False:
         return Decision(False, f'the Pod opts out with {INJECT_ANNOTATION}: "false"')

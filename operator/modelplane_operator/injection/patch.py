@@ -11,11 +11,15 @@ What the patch adds:
 - to every app container, unless the container sets them itself: the OpenAI and Anthropic base
   URLs pointing at the sidecar on 127.0.0.1, and placeholder API keys, so stock SDKs route through
   the sidecar unchanged;
-- the `modelplane.io/injected` and `modelplane.io/ca-bundle` annotations.
+- the `modelplane.io/injected` and `modelplane.io/ca-bundle` annotations;
+- to the sidecar, the AWS credentials (IRSA or EKS Pod Identity variables and token mount) that
+  EKS's webhook gave the app containers, when it ran first (see `aws_credentials`).
 
 Every operation appends or creates; nothing the Pod already has is replaced or reordered, except
 that the sidecar goes in front of existing init containers. Callers check `should_inject` first:
-the patch for an already injected Pod is never built.
+the patch for an already injected Pod is never built. For such a Pod (the apiserver re-invokes
+the webhook after another webhook changed the Pod), `complete_patch` adds only the AWS
+credentials the sidecar still lacks.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .aws_credentials import credentials_to_copy
 from .settings import (
     AUDIT_KEY_DIR,
     AUDIT_KEY_FILE,
@@ -53,10 +58,12 @@ _BASE_URL_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE", "ANTHROPIC_BASE_URL
 
 @dataclass(frozen=True)
 class Injection:
-    """The patch for one Pod, and warnings the apiserver shows the client (kubectl prints them)."""
+    """The patch for one Pod, warnings the apiserver shows the client (kubectl prints them), and
+    what it adds besides the sidecar, for the log (names only, never values)."""
 
     patch: JsonPatch
     warnings: list[str] = field(default_factory=list)
+    reason: str = ""
 
 
 def _escape(part: str | int) -> str:
@@ -283,6 +290,10 @@ def build_patch(
     patch: JsonPatch = []
     init_containers = spec.get("initContainers")
     container = sidecar_container(sidecar, settings)
+    aws = credentials_to_copy(spec, container, SIDECAR_NAME)
+    if aws is not None:
+        container["env"] += aws.env
+        container["volumeMounts"] += aws.mounts
     if init_containers:
         patch.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
     else:
@@ -308,4 +319,35 @@ def build_patch(
             {"op": "add", "path": _pointer("metadata", "annotations", key), "value": value}
             for key, value in marks.items()
         ]
-    return Injection(patch, environment.warnings)
+    if aws is None:
+        return Injection(patch, environment.warnings)
+    return Injection(patch, environment.warnings + aws.warnings, aws.describe() if aws else "")
+
+
+def _find_sidecar(spec: Mapping[str, Any]) -> tuple[str, int, Mapping[str, Any]] | None:
+    for list_name in ("initContainers", "containers"):
+        for index, container in enumerate(spec.get(list_name) or []):
+            if container.get("name") == SIDECAR_NAME:
+                return list_name, index, container
+    return None
+
+
+def complete_patch(pod: Mapping[str, Any]) -> Injection | None:
+    """For a Pod that already has the sidecar: the patch adding the AWS credentials of its app
+    containers that the sidecar lacks; None when it lacks nothing or the Pod has no sidecar.
+
+    The apiserver re-invokes the webhook (`reinvocationPolicy: IfNeeded`) when a webhook that ran
+    after it changed the Pod, e.g. EKS's adding credentials to the app containers only.
+    """
+    spec = pod.get("spec") or {}
+    found = _find_sidecar(spec)
+    if found is None:
+        return None
+    list_name, index, sidecar = found
+    aws = credentials_to_copy(spec, sidecar, SIDECAR_NAME)
+    if aws is None or not (aws or aws.warnings):
+        return None
+    at = ("spec", list_name, index)
+    patch = _add_list_items((*at, "env"), sidecar.get("env"), aws.env)
+    patch += _add_list_items((*at, "volumeMounts"), sidecar.get("volumeMounts"), aws.mounts)
+    return Injection(patch, aws.warnings, aws.describe() if aws else "")

@@ -55,7 +55,7 @@ class InjectionMetrics:
         self.registry = registry or CollectorRegistry()
         self.reviews = Counter(
             "modelplane_injection_reviews",
-            "Admission reviews answered, by result (injected, skipped, denied, invalid).",
+            "Admission reviews answered, by result (injected, updated, skipped, denied, invalid).",
             ["result"],
             registry=self.registry,
         )
