@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import jsonpatch
 import pytest
 from cluster import Cluster, CommandFailed
+from eks_webhook import IRSA, IRSA_DIR, EksWebhook, eks_patch, serving
 from injection_helpers import (
     RUN_LABEL,
     Install,
     create_pod,
+    dry_run_pod,
     env_of,
     get_pod,
     new_install,
     pod,
     sidecars,
 )
+from operator_helpers import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +232,127 @@ def test_operator_keeps_its_certificates_in_a_tls_secret(
     assert set(secret["data"]) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
     assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "modelplane-operator"
     assert install.ca_bundle() == secret["data"]["ca.crt"]
+
+
+# EKS's AWS credentials (IRSA here; Pod Identity is the same code path with other names).
+IRSA_VARIABLES = (
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+def eks_configuration(name: str, server: EksWebhook, ca_bundle: str, namespace: str) -> str:
+    hook = {
+        "name": "pod-identity-webhook.amazonaws.com",
+        "clientConfig": {"url": server.url, "caBundle": ca_bundle},
+        "rules": [
+            {
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+            }
+        ],
+        # Only this test's namespace: a leftover Fail webhook must not block other Pods.
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+        "failurePolicy": "Fail",
+        "reinvocationPolicy": "Never",
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+        "timeoutSeconds": 10,
+    }
+    return json.dumps(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [hook],
+        }
+    )
+
+
+@pytest.fixture(params=["eks-first", "modelplane-first"])
+def eks_namespace(
+    request: pytest.FixtureRequest, cluster: Cluster, install: Install, labelled: str
+) -> Iterator[tuple[str, EksWebhook, str]]:
+    """A namespace with injection enabled where a stand-in of EKS's webhook gives every Pod IRSA
+    credentials, in its app containers only. The apiserver calls mutating webhook
+    configurations in the order of their names: the stand-in's name puts it before, or after,
+    the chart's."""
+    name = f"{'a' if request.param == 'eks-first' else 'zz'}-eks-{uuid.uuid4().hex[:8]}"
+    assert (name < install.webhook_configuration) == (request.param == "eks-first")
+    labels = {"modelplane.io/inject": "enabled", RUN_LABEL: install.run_id}
+    namespace = cluster.create_namespace("e2e-eks", labels)
+    cert = cluster.issue_serving_cert("eks-standin")
+    with serving(EksWebhook(cert.cert, cert.key, IRSA, init_containers=False)) as server:
+        cluster.kubectl(
+            "create", "-f", "-", input=eks_configuration(name, server, cert.ca_bundle, namespace)
+        )
+        try:
+
+            def both_webhooks_called() -> bool:
+                probe = dry_run_pod(cluster, namespace)
+                return bool(sidecars(probe)) and "AWS_ROLE_ARN" in env_of(
+                    probe["spec"]["containers"][0]
+                )
+
+            wait_for(both_webhooks_called, "the EKS stand-in and the injector", timeout=60)
+            server.reviews.clear()
+            yield namespace, server, request.param
+        finally:
+            cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
+            cluster.delete_namespace(namespace)
+
+
+def assert_sidecar_has_the_apps_irsa_credentials(stored: dict[str, Any], install: Install) -> None:
+    sidecar = assert_injected_once(stored, install)
+    app = env_of(stored["spec"]["containers"][0])
+    own = env_of(sidecar)
+    assert {name: own.get(name) for name in IRSA_VARIABLES} == {
+        name: app[name] for name in IRSA_VARIABLES
+    }
+    assert [name for name in own if name.startswith("AWS_")] == list(IRSA_VARIABLES)
+    assert {"name": "aws-iam-token", "mountPath": IRSA_DIR, "readOnly": True} in sidecar[
+        "volumeMounts"
+    ]
+    assert [v["name"] for v in stored["spec"]["volumes"]].count("aws-iam-token") == 1
+
+
+def test_eks_credentials_reach_the_sidecar_whichever_webhook_runs_first(
+    cluster: Cluster,
+    install: Install,
+    eks_namespace: tuple[str, EksWebhook, str],
+) -> None:
+    namespace, eks, first = eks_namespace
+    configuration = install.webhook_configuration_object() or {}
+    assert {hook["reinvocationPolicy"] for hook in configuration["webhooks"]} == {"IfNeeded"}
+
+    create_pod(cluster, namespace, pod("bedrock-app"))
+
+    assert_sidecar_has_the_apps_irsa_credentials(
+        get_pod(cluster, namespace, "bedrock-app"), install
+    )
+    # Which order the apiserver really used: what the stand-in was sent. When it ran second, the
+    # sidecar it saw had no AWS credentials and it added none to it (init containers are not
+    # its business), so they came from the injector called again (reinvocationPolicy IfNeeded).
+    (seen,) = eks.reviews
+    if first == "eks-first":
+        assert sidecars(seen) == []
+    else:
+        (sidecar,) = sidecars(seen)
+        assert not [name for name in env_of(sidecar) if name.startswith("AWS_")]
+
+
+def test_pod_created_with_irsa_credentials_gets_them_in_the_sidecar(
+    cluster: Cluster, install: Install, labelled: str
+) -> None:
+    """What EKS's webhook produced, as if written by hand: no second webhook involved."""
+    manifest = pod("irsa-by-hand")
+    create_pod(cluster, labelled, jsonpatch.apply_patch(manifest, eks_patch(manifest, IRSA)))
+
+    assert_sidecar_has_the_apps_irsa_credentials(
+        get_pod(cluster, labelled, "irsa-by-hand"), install
+    )
