@@ -90,6 +90,10 @@ class Replica:
 
     def leading(self, ca: Path) -> float | None:
         """The replica's `modelplane_operator_leader` gauge, from its /metrics (None: not up)."""
+        return self.metric(ca, "modelplane_operator_leader ")
+
+    def metric(self, ca: Path, series: str) -> float | None:
+        """The value of the first line of the replica's /metrics that starts with `series`."""
         context = ssl.create_default_context(cafile=str(ca))
         opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
@@ -100,8 +104,8 @@ class Replica:
         except OSError:
             return None
         for line in text.splitlines():
-            if line.startswith("modelplane_operator_leader "):
-                return float(line.split()[1])
+            if line.startswith(series):
+                return float(line.split()[-1])
         return None
 
 
@@ -299,6 +303,9 @@ def test_two_replicas_one_leader_fleet_counts_and_failover(
         # The follower's sidecar spends under the leader's books (its leases are relayed).
         ask(on_follower, "chat")
         wait_for(lambda: budget_requests(cluster, namespace, "app-b/") == 1, "relayed spend")
+        # ...over the follower's multiplexed relay connection, not a connection per sidecar.
+        relays = leader.metric(ca, 'modelplane_operator_stream_connections_total{result="relay"}')
+        assert relays is not None and relays >= 1
 
         # The leader dies without a word; the follower takes over once the Lease expires.
         leader.stop(signal.SIGKILL)
