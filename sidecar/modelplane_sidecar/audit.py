@@ -203,6 +203,9 @@ class AuditLog:
         self._on_write_error = on_write_error
         self._max_pending = max_pending
         self._task: asyncio.Task[None] | None = None
+        #: The flush loop is writing a batch (close() must let it finish, not cancel it).
+        self._flushing = False
+        self._closing = False
 
     @property
     def chain(self) -> AuditChain:
@@ -249,7 +252,7 @@ class AuditLog:
         self._task = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._interval)
             if (
                 self._chain.unsigned
@@ -257,7 +260,11 @@ class AuditLog:
             ):
                 self._pending.append(self._chain.checkpoint())
                 self._checkpointed()
-            await self.flush()
+            self._flushing = True
+            try:
+                await self.flush()
+            finally:
+                self._flushing = False
 
     async def flush(self) -> None:
         if not self._pending:
@@ -283,7 +290,11 @@ class AuditLog:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._closing = True
+            # A batch being written is let finish: cancelled, it would be lost (the executor
+            # may not have started its write yet) or land after the closing checkpoint.
+            if not self._flushing:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._pending.append(self._chain.checkpoint())
         self._checkpointed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
 
 import orjson
 import pytest
@@ -160,3 +161,46 @@ async def test_a_quiet_sidecar_signs_its_tail_after_checkpoint_seconds(
     )
     assert len(anchors) >= 2  # the timed one and the closing one
     assert verify_lines(sink.getvalue().splitlines(), anchors=anchors).ok
+
+
+class _HeldSink(io.BytesIO):
+    """A file whose first write waits until the test lets it go (a slow disk, or an executor
+    that has not started the write yet), and that refuses writes once closed, like a file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go_on = threading.Event()
+        self.writes = 0
+        self.kept = b""
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes += 1
+        if self.writes == 1:
+            self.entered.set()
+            self.go_on.wait(30)
+        return super().write(data)
+
+    def close(self) -> None:
+        self.kept = self.getvalue()
+        super().close()
+
+
+async def test_closing_while_a_batch_is_being_written_loses_no_line_and_keeps_the_order() -> None:
+    sink = _HeldSink()
+    log = AuditLog(AuditChain(generate_key()), sink, {}, flush_interval=0.01)
+    log.start()
+    log.record({"requestId": "a"})
+    log.record({"requestId": "b"})
+    for _ in range(3000):  # bounded wait (30 s) for the flush loop to be inside its write
+        if sink.entered.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert sink.entered.is_set()
+    closing = asyncio.create_task(log.close())
+    await asyncio.sleep(0.1)  # close() runs meanwhile; the write in flight must not be dropped
+    sink.go_on.set()
+    await closing
+    report = verify_lines(sink.kept.splitlines())
+    assert report.ok, report.problems
+    assert (report.records, report.checkpoints, report.unsigned_tail) == (2, 1, 0)
