@@ -271,7 +271,7 @@ async def measure(
     return rows
 
 
-def setup_namespace(cluster: Cluster) -> None:
+def setup_namespace(cluster: Cluster, endpoints: int) -> None:
     cluster.kubectl("apply", "-f", str(REPO / "crds"))
     for plural in ("modelendpoints", "routingpolicies", "budgets"):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.modelplane.io")
@@ -326,7 +326,7 @@ def setup_namespace(cluster: Cluster) -> None:
                     "credentials": {"secretRef": {"name": "openai", "key": "api-key"}},
                 },
             }
-            for i in range(5)
+            for i in range(endpoints)
         ),
         {
             "apiVersion": "modelplane.io/v1alpha1",
@@ -334,8 +334,16 @@ def setup_namespace(cluster: Cluster) -> None:
             "metadata": {"name": "routes"},
             "spec": {
                 "models": [
-                    {"name": "chat", "targets": [{"endpoint": f"ep-{i}"} for i in range(5)]},
+                    {
+                        "name": "chat",
+                        "targets": [{"endpoint": f"ep-{i}"} for i in range(min(endpoints, 32))],
+                    },
                     {"name": "fast", "targets": [{"endpoint": "ep-0"}]},
+                    # Every endpoint is routed to, so every one is shipped (32 targets at most).
+                    *(
+                        {"name": f"direct-{i}", "targets": [{"endpoint": f"ep-{i}"}]}
+                        for i in range(32, endpoints)
+                    ),
                     {"name": "local", "targets": [{"endpoint": "llama"}]},
                 ]
             },
@@ -550,6 +558,9 @@ def main() -> int:
     parser.add_argument("--debounce", type=float, default=0.2)
     parser.add_argument("--apply-iterations", type=int, default=200)
     parser.add_argument(
+        "--endpoints", type=int, default=5, help="cloud ModelEndpoints in the namespace (size)"
+    )
+    parser.add_argument(
         "--sidecar-only", action="store_true", help="only the sidecar apply part (no cluster)"
     )
     args = parser.parse_args()
@@ -563,7 +574,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="modelplane-bench-"))
     cluster = start_cluster(workdir)
     try:
-        setup_namespace(cluster)
+        setup_namespace(cluster, args.endpoints)
         operator, url = start_operator(cluster, args.debounce)
         try:
             results = asyncio.run(bench(cluster, url, operator.pid, sizes, args.rounds))
