@@ -258,7 +258,7 @@ async def test_each_relayed_stream_is_reviewed_and_a_refused_one_closes_alone(
 
         frames = {}
         for _ in range(20):
-            data = await ws.receive_json(timeout=5)
+            data = await ws.receive_json(timeout=30)
             frames.setdefault(data["stream"], data)
             if len(frames) == 2:
                 break
@@ -291,7 +291,7 @@ async def test_the_leader_still_serves_the_per_sidecar_relay_of_an_older_followe
         http.ws_connect(url, headers={"authorization": "Bearer tok-a"}) as ws,
     ):
         await ws.send_json(hello)
-        lease = await ws.receive_json(timeout=5)
+        lease = await ws.receive_json(timeout=30)
 
         assert lease["type"] == "lease"
         assert fleet.ledger().holders["app-pod/beef"].connected

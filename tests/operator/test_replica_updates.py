@@ -158,7 +158,7 @@ class Wire:
         await self.ws.send_json(message)
 
     async def receive(self) -> dict[str, Any]:
-        data = await self.ws.receive_json(timeout=5)
+        data = await self.ws.receive_json(timeout=30)
         assert isinstance(data, dict)
         return data
 
