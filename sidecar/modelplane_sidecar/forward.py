@@ -416,17 +416,29 @@ class Forwarder:
                 body = ex.dialect.response_body(body)
             return web.Response(body=body, content_type="application/json", headers=headers)
         response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        delivered = False
         try:
             await response.prepare(ex.http)
             await response.write(ex.dialect.stream().feed(frames) if ex.dialect else frames)
+            delivered = True
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            outcome = Outcome.CLIENT_DISCONNECTED
-            self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
-            raise
+        except (ConnectionResetError, asyncio.CancelledError) as gone:
+            outcome = self._gone(ex, outcome, delivered)
+            if not delivered or isinstance(gone, asyncio.CancelledError):
+                raise
         finally:
             self._finish(ex, outcome, 200, None, None)
         return response
+
+    def _gone(self, ex: Exchange, outcome: Outcome, delivered: bool) -> Outcome:
+        """The outcome of a stream whose app went away. Once every event is written (`delivered`)
+        the app had the whole answer and the outcome stands: the openai SDK closes the connection
+        when the end of the body does not follow `[DONE]` within 0.1 s, as it may not on a
+        loaded machine. Before that, the app left without it: `client_disconnected`."""
+        if delivered:
+            return outcome
+        self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
+        return Outcome.CLIENT_DISCONNECTED
 
     async def _wait_for_capacity(self, ex: Exchange) -> None:
         """A request that must not spill waits (bounded) for its self-hosted pool's capacity."""
@@ -618,6 +630,7 @@ class Forwarder:
         outcome = Outcome.OK
         ttft: float | None = None
         recorder = ex.cache.recorder() if ex.cache is not None else None
+        delivered = False
         try:
             await response.prepare(ex.http)
             rewrite: Callable[[bytes], bytes] = (
@@ -657,10 +670,10 @@ class Forwarder:
                 endpoint.state.breaker.record_failure(ex.decision.alias.circuit_breaker)
                 self._metrics.stream_failures.labels(endpoint.name, broken.kind.value).inc()
                 await response.write(rewrite(_stream_error_event(endpoint.name, message)))
+            delivered = True
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError) as gone:
-            outcome = Outcome.CLIENT_DISCONNECTED
-            self._metrics.client_disconnects.labels(ex.decision.alias.name).inc()
+            outcome = self._gone(ex, outcome, delivered)
             if isinstance(gone, asyncio.CancelledError):
                 raise
             # The app closed its end mid-stream (an ordinary event for streams, e.g. a stop
@@ -673,7 +686,14 @@ class Forwarder:
                 start.replica.outstanding -= 1
             usage = translator.usage or Usage(estimated=True)
             self._finish(ex, outcome, 200, endpoint, usage, ttft=ttft)
-            if recorder is not None and outcome is Outcome.OK and ex.cache is not None:
+            if (
+                recorder is not None
+                and outcome is not Outcome.STREAM_ERROR
+                and ex.cache is not None
+            ):
+                # Also when the app left after the upstream's last event (the SDK does not wait
+                # long for the end of the body): the recorder keeps only a complete answer, which
+                # the cache stores and a flight hands to its followers.
                 ex.cache.store_stream(recorder, endpoint.name, translator.usage)
         return response
 

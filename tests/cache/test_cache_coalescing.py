@@ -4,13 +4,18 @@ Concurrency is made deterministic with the stand-in's `hold` behaviour: the firs
 upstream answer is held until the test has seen, in the sidecar's own gauge, that the other
 requests are waiting for it; no test sleeps for a request to get somewhere. Every answer the
 stand-in makes has a fresh `id`, so answers that share an id came from one upstream call.
+
+An app can have a whole stream before the sidecar has accounted it: the openai SDK stops reading
+at `[DONE]` (the async one drains the rest of the body for at most 0.1 s), and the sidecar
+accounts a stream once its body has ended. Counts of streamed requests are therefore waited
+for (bounded), never read right after the app's last chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
@@ -37,17 +42,32 @@ def config(url: str, namespace: str = "team-a", **cache: Any) -> dict[str, Any]:
     return raw
 
 
+#: The SDK clients a test made, closed when it ends (`_close_clients`).
+_CLIENTS: list[openai.AsyncOpenAI] = []
+
+
 def client(router: Router) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    sdk = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+    _CLIENTS.append(sdk)
+    return sdk
 
 
-async def until(check: Callable[[], bool], what: str) -> None:
-    """Wait (bounded, about 30 s at most) until `check()` holds."""
-    for _ in range(3000):
-        if check():
-            return
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _CLIENTS:
+        await _CLIENTS.pop().close()
+
+
+async def until(check: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    """Wait until `check()` holds, for at most `seconds` of wall time (generous: the machine may
+    be loaded; a check that never holds fails the test with `what`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
         await asyncio.sleep(0.01)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def release(upstreams: Upstreams, gate: asyncio.Event) -> None:
@@ -154,21 +174,23 @@ async def test_identical_requests_in_flight_share_one_upstream_call(upstreams: U
     usage = streams[1][1][-1].usage
     assert usage is not None and usage.total_tokens == answer.usage.total_tokens
     assert router.metric("modelplane_cache_coalesced_total", model="chat") == 4
-    assert router.metric("modelplane_requests_total", outcome="coalesced") == 4
+    # The streamed followers are accounted once their bodies have ended (see the module doc).
+    await until(
+        lambda: router.metric("modelplane_requests_total", outcome="coalesced") == 4,
+        "the four followers to be accounted as coalesced",
+    )
     assert router.metric("modelplane_requests_total", outcome="ok") == 1
     assert router.metric(WAITING) == 0
     # The leader's answer was stored as usual: the next one is a plain hit.
     headers, again = await ask(sdk, "later")
     assert headers["x-modelplane-cache"] == "hit" and again.id == answer.id
 
-    records: list[dict[str, Any]] = []
-    for _ in range(3000):
+    def records() -> list[dict[str, Any]]:
         lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
-        records = [r for r in lines if r["type"] == "request"]
-        if len(records) == 6:
-            break
-        await asyncio.sleep(0.01)
-    by_id = {r["requestId"]: r for r in records}
+        return [r for r in lines if r["type"] == "request"]
+
+    await until(lambda: len(records()) == 6, "six audit records")
+    by_id = {r["requestId"]: r for r in records()}
     assert by_id["leader"]["outcome"] == "ok" and by_id["leader"]["costUsd"] > 0
     assert "coalescedWith" not in by_id["leader"]
     for follower in ("plain-1", "plain-2", "stream-1", "stream-2"):
@@ -201,6 +223,34 @@ async def test_a_streaming_leader_answers_plain_and_streaming_followers(
     assert completion.choices[0].finish_reason == "stop"
     assert streamed_text(chunks) == streamed_text(lead_chunks)
     assert len(scene.standin.received) == 1
+
+
+async def test_a_streaming_leader_whose_app_leaves_after_the_last_event_still_answers(
+    upstreams: Upstreams,
+) -> None:
+    """The upstream sends `[DONE]` and is slow to end its body; the leader's app (the openai
+    SDK, which waits at most 0.1 s for the end after `[DONE]`) closes the connection before the
+    sidecar has seen that end, and the sidecar drops the leader's handler. Its answer was
+    complete: it is stored and handed to the followers, who do not call upstream again."""
+    scene = Scene(upstreams)
+    end = asyncio.Event()
+    leader = await scene.lead(Behaviour(hold=scene.gate, hold_end=end), stream=True)
+    (plain,) = await scene.follow("plain")
+    (streamed,) = await scene.follow("streamed", stream=True)
+    scene.release()
+    try:
+        lead_headers, lead_chunks = await leader
+        (plain_headers, completion), (headers, chunks) = await plain, await streamed
+    finally:
+        release(upstreams, end)
+    assert lead_headers["x-modelplane-cache"] == "miss"
+    assert plain_headers["x-modelplane-cache"] == headers["x-modelplane-cache"] == "coalesced"
+    assert completion.id == lead_chunks[0].id
+    assert completion.choices[0].message.content == streamed_text(lead_chunks)
+    assert streamed_text(chunks) == streamed_text(lead_chunks)
+    assert len(scene.standin.received) == 1
+    later_headers, again = await ask(scene.sdk, "later")
+    assert later_headers["x-modelplane-cache"] == "hit" and again.id == completion.id
 
 
 async def test_when_the_leader_fails_one_follower_calls_upstream_and_the_rest_follow_it(

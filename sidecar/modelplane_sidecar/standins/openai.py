@@ -266,6 +266,8 @@ class OpenAIStandIn(ScriptedStandIn):
             }
             await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        if behaviour.hold_end is not None:
+            await behaviour.hold_end.wait()
         await response.write_eof()
         return response
 

@@ -36,6 +36,10 @@ class Behaviour:
     #: Hold the answer until this event is set (on the stand-in's loop): lets a test answer
     #: only once other requests have reached a known state, without sleeping.
     hold: asyncio.Event | None = None
+    #: OpenAI streams: hold the end of the body after the last event (`[DONE]`) until this event is
+    #: set: an upstream slow to close its stream, so the app has the answer before the router
+    #: has seen its end.
+    hold_end: asyncio.Event | None = None
 
 
 @dataclass
