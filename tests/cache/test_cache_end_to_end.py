@@ -122,6 +122,13 @@ def test_a_streamed_answer_fills_the_cache(upstreams: Upstreams) -> None:
         model="chat", messages=QUESTION, temperature=0, stream=True
     ) as stream:
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    # The SDK stops reading at [DONE]; the sidecar stores the answer once the stream has ended
+    # there, which on a loaded machine can be after the app's next request arrived (that one
+    # would then wait for the stream as `coalesced`): wait (bounded) for the store.
+    for _ in range(6000):
+        if router.metric("modelplane_cache_stores_total") == 1:
+            break
+        time.sleep(0.01)
     state, answer = ask(router)
     assert state == "hit"
     assert answer.choices[0].message.content == text
