@@ -169,7 +169,9 @@ def test_already_injected_pod_is_not_injected_twice(
     cluster: Cluster, install: Install, labelled: str, unlabelled: str
 ) -> None:
     """A Pod spec copied from an injected Pod (kubectl get -o yaml | kubectl create)."""
-    original = get_pod(cluster, labelled, "app")
+    # Its own injected Pod to copy (not another test's, so the order of the tests is free).
+    create_pod(cluster, labelled, pod("original"))
+    original = get_pod(cluster, labelled, "original")
     copy = {
         "apiVersion": "v1",
         "kind": "Pod",
