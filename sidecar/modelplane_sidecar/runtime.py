@@ -17,7 +17,7 @@ from .config import Endpoint, ModelAlias, RouterConfig
 from .endpoint_stats import EndpointStats
 from .pool import ReplicaPool
 from .providers import adapter_for
-from .providers.base import Adapter, Credentials
+from .providers.base import Adapter, Credentials, RefreshingCredentials
 
 _T = TypeVar("_T")
 
@@ -57,6 +57,9 @@ class Snapshot:
     aliases: dict[str, ModelAlias]
     #: Credential values to scrub from anything the upstream echoes back.
     secrets: tuple[bytes, ...] = field(repr=False)
+    #: Credentials that change under the snapshot (temporary AWS keys): their secrets are
+    #: scrubbed as of the moment, since the keys in hand are not known when a config loads.
+    refreshing: tuple[RefreshingCredentials, ...] = field(default=(), repr=False)
     #: What request-path steps derive from this config alone, built on first use (`derived`).
     _derived: dict[Callable[[Snapshot], Any], Any] = field(
         default_factory=dict, repr=False, compare=False
@@ -81,7 +84,12 @@ class Snapshot:
             pool = ReplicaPool.build(ep, before.pool if before is not None else None)
             endpoints[ep.name] = EndpointRuntime(ep, adapter, credentials, state, pool)
         aliases = {m.name: m for m in config.models}
-        return cls(config, config.version(), endpoints, aliases, tuple(secrets))
+        refreshing = tuple(
+            e.credentials.refreshing
+            for e in endpoints.values()
+            if e.credentials.refreshing is not None
+        )
+        return cls(config, config.version(), endpoints, aliases, tuple(secrets), refreshing)
 
     def with_replicas(self, config: RouterConfig, changed: Collection[str]) -> Snapshot:
         """This snapshot for `config`, which differs from its own only in the replica lists of
@@ -97,7 +105,9 @@ class Snapshot:
                 endpoints[ep.name] = EndpointRuntime(
                     ep, before.adapter, before.credentials, before.state, pool
                 )
-        return Snapshot(config, config.version(), endpoints, self.aliases, self.secrets)
+        return Snapshot(
+            config, config.version(), endpoints, self.aliases, self.secrets, self.refreshing
+        )
 
     def derived(self, build: Callable[[Snapshot], _T]) -> _T:
         """`build(self)`, computed once per snapshot: e.g. routing's table of prepared routes,
@@ -111,7 +121,12 @@ class Snapshot:
         return {name: e.pool for name, e in self.endpoints.items() if e.pool is not None}
 
     def redact(self, data: bytes) -> bytes:
-        for secret in self.secrets:
+        """`data` with every credential value of this config replaced by `[REDACTED]`: static
+        keys, and the temporary keys fetched so far (off the hot path: error answers only)."""
+        secrets: list[bytes] = list(self.secrets)
+        for credentials in self.refreshing:
+            secrets.extend(s.encode() for s in credentials.secrets())
+        for secret in secrets:
             if secret in data:
                 data = data.replace(secret, b"[REDACTED]")
         return data

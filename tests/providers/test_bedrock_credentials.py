@@ -9,17 +9,21 @@ Bedrock stand-in accepts only the keys they issued, with their session token.
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 from harness import Upstreams
 from provider_support import anthropic_client, chain, ep, openai_client
 
 from modelplane_sidecar.config import ConfigError, parse_config
+from modelplane_sidecar.logs import JsonFormatter
 from modelplane_sidecar.providers.aws_credentials import TemporaryAwsCredentials
 from modelplane_sidecar.providers.base import AwsCredentials, UpstreamFailure
 from modelplane_sidecar.providers.bedrock import count_tokens_model
@@ -177,6 +181,66 @@ def test_failed_sts_call_is_a_clear_error_without_secrets(
     sts.failure = None
     assert _ask(client) == bedrock.text
     assert _signed_with(bedrock.received[-1].headers, sts.issued[-1].credentials)
+
+
+def test_an_upstream_echoing_the_temporary_keys_is_scrubbed(
+    upstreams: Upstreams, serve: Serve, clean_aws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sts = StsStandIn()
+    _irsa(monkeypatch, clean_aws, sts, serve(sts))
+    bedrock = BedrockStandIn("bedrock", region="eu-central-1", issuer=sts.lookup)
+    client = openai_client(upstreams.router(chain(_bedrock("bedrock", serve(bedrock)))).url)
+    assert _ask(client) == bedrock.text
+    keys = sts.issued[0].credentials
+    values = (keys.access_key_id, keys.secret_access_key, keys.session_token or "unset")
+    echoed = "echo: key {} secret {} token {}".format(*values)
+    # A client error (handed to the app as Bedrock worded it) and a server error (every
+    # attempt fails; the app gets the router's summary quoting the upstream).
+    for status in (400, 500):
+        bedrock.default = Behaviour(kind="status", status=status, message=echoed)
+        with pytest.raises(openai.APIStatusError) as caught:
+            _ask(client)
+        text = caught.value.response.text
+        assert "echo: key [REDACTED] secret [REDACTED] token [REDACTED]" in text, text
+        for value in values:
+            assert value not in text
+
+
+async def test_botocore_logs_of_a_failed_refresh_are_json_lines_without_secrets(
+    clean_aws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sts = StsStandIn(lifetimes=[720.0])  # inside the advisory window: botocore logs, keeps keys
+    runner, port = await start_site(sts.app())
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # botocore's DEBUG records carry whole STS answers
+    try:
+        _irsa(monkeypatch, clean_aws, sts, f"http://127.0.0.1:{port}")
+        keys = TemporaryAwsCredentials("webIdentity", "eu-central-1", None, retry_seconds=3600)
+        first = (await keys.current(10)).aws
+        assert first is not None
+        # An STS that quotes the token and the keys in hand in its error message.
+        secrets = (sts.token, first.access_key_id, first.secret_access_key, first.session_token)
+        sts.failure = (400, "InvalidIdentityToken", "echo: {} {} {} {}".format(*secrets))
+        assert (await keys.refreshed(10)).aws == first
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        await runner.cleanup()
+    assert len(sts.calls) == 2
+    records = [orjson.loads(line) for line in lines.getvalue().splitlines()]
+    warnings = [r for r in records if r["logger"] == "botocore.credentials"]
+    assert [r["level"] for r in warnings] == ["warning"]
+    assert "failed during advisory refresh period" in warnings[0]["msg"]
+    assert "InvalidIdentityToken" in warnings[0]["exc"]
+    assert "echo: [REDACTED] [REDACTED] [REDACTED] [REDACTED]" in warnings[0]["exc"]
+    assert not [r for r in records if r["logger"].startswith("botocore") and r["level"] == "debug"]
+    for secret in secrets:
+        assert secret and secret not in lines.getvalue()
 
 
 def test_unconfigured_sources_are_config_errors(clean_aws: Path) -> None:

@@ -13,14 +13,22 @@ window). One refresh runs at a time; a background one at most every `retry_secon
 a failure requests get that failure (naming the credential source, never a secret) for
 `retry_seconds` before the next try. botocore honours `AWS_ENDPOINT_URL_STS` and `AWS_REGION`;
 STS is called in the endpoint's region.
+
+botocore's own log records pass through a scrubbing filter (`guard_botocore_logs`): on a failed
+refresh botocore logs a WARNING with the traceback, whose last line quotes what STS or the
+credentials endpoint answered; and its DEBUG records carry whole STS requests and responses
+(the web identity token, the new keys), so the `botocore` logger never goes below INFO.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import os
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from ..config import ConfigError
@@ -41,6 +49,20 @@ _TOKEN_FILE = "AWS_WEB_IDENTITY_TOKEN_FILE"
 _FULL_URI = "AWS_CONTAINER_CREDENTIALS_FULL_URI"
 _RELATIVE_URI = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
 _AUTH_TOKEN = "AWS_CONTAINER_AUTHORIZATION_TOKEN"
+
+#: The keys whose refresh runs in this worker thread (set by `_fetch`, read by the log filter).
+_REFRESHING: contextvars.ContextVar[TemporaryAwsCredentials | None] = contextvars.ContextVar(
+    "modelplane_refreshing_aws_credentials", default=None
+)
+#: Secrets by their shape, for values not known yet (keys in a response botocore rejected):
+#: access key ids and JWTs (web identity tokens)...
+_SECRET_SHAPES = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b|eyJ[\w-]+\.[\w-]+\.[\w-]*")
+#: ...and the values of credential fields in JSON, XML or key=value text.
+_SECRET_FIELDS = re.compile(
+    r"(?i)((?:SecretAccessKey|SecretKey|secret_key|Token)[\"']?(?:\s*[:=]\s*[\"']?|>))"
+    r"[^\"'\s,}&<]+"
+)
+_BOTOCORE_LOGGERS = ("botocore.credentials", "botocore.utils")
 
 
 def aws_credentials(
@@ -111,6 +133,46 @@ def describe_source(source: TemporarySource, profile: str | None) -> str:
     return f"container credentials (EKS Pod Identity / ECS, {where})"
 
 
+def scrub(text: str, known: Iterable[str | None] = ()) -> str:
+    """`text` without the `known` secret values nor anything shaped like an AWS secret."""
+    for secret in known:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    text = _SECRET_SHAPES.sub("[REDACTED]", text)
+    return _SECRET_FIELDS.sub(r"\1[REDACTED]", text)
+
+
+class _BotocoreScrubber(logging.Filter):
+    """Scrubs botocore's credential log records (message and traceback) of secrets: those of
+    the keys being refreshed in this thread, the container authorization token, and whatever
+    looks like a key or token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refreshing = _REFRESHING.get()
+        known = [os.environ.get(_AUTH_TOKEN)]
+        if refreshing is not None:
+            known.extend(refreshing.secrets())
+        record.msg, record.args = scrub(record.getMessage(), known), None
+        if record.exc_info:
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, scrub(text, known)
+        elif record.exc_text:
+            record.exc_text = scrub(record.exc_text, known)
+        return True
+
+
+def guard_botocore_logs() -> None:
+    """Scrub botocore's credential log records and keep its DEBUG records (whole STS requests
+    and responses) out of the logs; idempotent."""
+    for name in _BOTOCORE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BotocoreScrubber) for f in logger.filters):
+            logger.addFilter(_BotocoreScrubber())
+    botocore_logger = logging.getLogger("botocore")
+    if botocore_logger.getEffectiveLevel() < logging.INFO:
+        botocore_logger.setLevel(logging.INFO)
+
+
 def _load_with_botocore(source: TemporarySource, region: str, profile: str | None) -> Any:
     """botocore's refreshable credentials for `source` (blocking: call in a worker thread)."""
     import botocore.session
@@ -161,11 +223,22 @@ class TemporaryAwsCredentials:
         #: botocore's credentials object (it knows the expiry); None until the first load.
         self._loaded: Any = None
         self._current: Credentials | None = None
+        #: The keys `_current` replaced: requests signed with them may still be answered.
+        self._previous: Credentials | None = None
         self._refresh: asyncio.Future[Credentials] | None = None
         self._task: asyncio.Task[None] | None = None
         self._failure: UpstreamFailure | None = None
         self._attempted_at = -float("inf")
         self.refreshes = 0
+        guard_botocore_logs()
+
+    def secrets(self) -> tuple[str, ...]:
+        """The keys in hand and the ones they replaced (to scrub from upstream answers)."""
+        found: list[str] = []
+        for keys in (self._current, self._previous):
+            if keys is not None:
+                found.extend(keys.secrets())
+        return tuple(found)
 
     def __eq__(self, other: object) -> bool:
         # Two of the same source are interchangeable: a new config snapshot keeps the old one.
@@ -239,7 +312,9 @@ class TemporaryAwsCredentials:
                 # it is kept in `_failure` for the requests to come.
                 future.exception()
         else:
-            self._current, self._failure = credentials, None
+            if credentials != self._current:
+                self._previous, self._current = self._current, credentials
+            self._failure = None
             self.refreshes += 1
             if not future.done():
                 future.set_result(credentials)
@@ -248,6 +323,8 @@ class TemporaryAwsCredentials:
 
     def _fetch(self) -> Credentials:
         """In a worker thread: load once, then let botocore refresh (it locks around that)."""
+        # botocore's log records of this refresh are scrubbed of these keys (`guard_...`).
+        _REFRESHING.set(self)
         if self._loaded is None:
             loaded = self._load(self.source, self._region, self._profile)
             if loaded is None:
@@ -256,13 +333,9 @@ class TemporaryAwsCredentials:
         return Credentials(aws=_frozen(self._loaded))
 
     def _safe_detail(self, exc: Exception) -> str:
-        detail = f"{type(exc).__name__}: {exc}"
-        secrets = [os.environ.get(_AUTH_TOKEN)]
-        if self._current is not None:
-            secrets.extend(self._current.secrets())
-        for secret in secrets:
-            if secret:
-                detail = detail.replace(secret, "[REDACTED]")
+        detail = scrub(
+            f"{type(exc).__name__}: {exc}", [os.environ.get(_AUTH_TOKEN), *self.secrets()]
+        )
         if len(detail) > _MAX_DETAIL:
             detail = detail[:_MAX_DETAIL] + "..."
         return detail

@@ -88,7 +88,10 @@ class Credentials:
         """Every secret value in here, to scrub from anything an upstream echoes back."""
         found = [self.api_key]
         if self.aws is not None:
-            found += [self.aws.secret_access_key, self.aws.session_token]
+            # The key id is not secret to AWS, but it names the key: scrubbed with it.
+            found += [self.aws.access_key_id, self.aws.secret_access_key, self.aws.session_token]
+        if self.refreshing is not None:
+            found += self.refreshing.secrets()
         return tuple(s for s in found if s)
 
 
@@ -98,6 +101,11 @@ class RefreshingCredentials(Protocol):
     async def current(self, wait_seconds: float) -> Credentials:
         """Credentials good for a request now (waits at most `wait_seconds` for a refresh);
         raises UpstreamFailure naming the source when there are none."""
+        ...
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values fetched so far that an upstream may still echo (the keys in hand
+        and the ones they replaced), to scrub like static keys."""
         ...
 
 
