@@ -31,7 +31,7 @@ from .forward import ClientDialect, Exchange, Forwarder
 from .frontdoors import anthropic as anthropic_door
 from .frontdoors.anthropic import FrontDoor
 from .frontdoors.batch_api import BatchApi
-from .frontdoors.count_tokens import count_tokens
+from .frontdoors.count_tokens import TokenCounting
 from .lanes import LaneGate
 from .metrics import Outcome, SidecarMetrics, SyncState
 from .pool import LoadScraper, ReplicaPool
@@ -181,6 +181,7 @@ class Sidecar:
         self.cache = ResponseCache(metrics)
         self.lanes = LaneGate(metrics)
         self._batch_api = BatchApi(self._current, self._client_session, metrics, audit)
+        self._token_counting = TokenCounting(metrics, audit)
         self._scraper: LoadScraper | None = None
 
     @property
@@ -283,9 +284,14 @@ class Sidecar:
 
         async def count(_: FrontDoor) -> web.StreamResponse:
             snapshot = self._current()
-            body = _parse_body(await _read_limited(http, snapshot.config.server.max_body_bytes))
+
+            async def read_body() -> dict[str, Any]:
+                limit = snapshot.config.server.max_body_bytes
+                return _parse_body(await _read_limited(http, limit))
+
             session = self._client_session()
-            return await count_tokens(snapshot, session, http, body, _request_id(http))
+            counting = self._token_counting
+            return await counting.serve(snapshot, session, http, read_body, _request_id(http))
 
         return await anthropic_door.serve(count)
 

@@ -60,6 +60,7 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "modelplane_lane_in_flight_requests": ("gauge", {"lane"}),
     "modelplane_lane_queued_requests": ("gauge", {"lane"}),
     "modelplane_batch_api_requests": ("counter", {"operation", "status"}),
+    "modelplane_count_tokens_requests": ("counter", {"model", "endpoint", "outcome"}),
     "modelplane_budget_remaining_usd": ("gauge", {"budget"}),
     "modelplane_budget_spend_usd": ("counter", {"budget", "endpoint"}),
     "modelplane_budget_tokens": ("counter", {"budget", "endpoint", "direction"}),

@@ -484,8 +484,8 @@ def test_count_tokens_falls_back_and_reports_what_cannot_count(
         "error": {
             "type": "invalid_request_error",
             "message": "count_tokens: none of the endpoints model 'chat' routes this request "
-            "to can count tokens (candidates: gpt (openai)); Bedrock endpoints count them "
-            "with CountTokens",
+            "to can count tokens (candidates: gpt (openai)); Anthropic and Bedrock endpoints "
+            "count them",
         },
     }
     with pytest.raises(anthropic.NotFoundError):

@@ -10,6 +10,8 @@ Response: content blocks become the message text and `tool_calls`, `stop_reason`
 `finish_reason`, and usage counts cache reads and writes. Streams are translated event by event
 (`message_start`, `content_block_*`, `message_delta`, `message_stop`, `ping`, `error`) into
 `chat.completion.chunk` frames; a stream that ends before `message_stop` is a failure.
+Token counting (the Anthropic front door's count_tokens) is `POST /v1/messages/count_tokens`
+with the same headers and the prompt fields of the same body, answered `{"input_tokens": N}`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .openai_chat import (
     stop_sequences,
     system_text,
     text_of,
+    token_count,
     tool_call_id,
     tool_calls_of,
     tool_choice,
@@ -93,6 +96,10 @@ _ERROR_TYPES = {
 #: OpenAI `reasoning_effort` -> Anthropic `output_config.effort`.
 _EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh"}
 
+#: The fields of a Messages body that `/v1/messages/count_tokens` takes (no `max_tokens`,
+#: `stop_sequences`, `metadata` or `stream`: it refuses them).
+_COUNTED = ("model", "messages", "system", "tools", "tool_choice", "output_config")
+
 _CONTEXT_LENGTH = re.compile(r"prompt is too long|exceed context limit|context window", re.I)
 _CONTENT_POLICY = re.compile(r"content filtering policy|usage policy", re.I)
 
@@ -108,17 +115,28 @@ class AnthropicAdapter(ChatAdapter):
         body: dict[str, Any],
         stream: bool,
     ) -> UpstreamRequest:
-        headers = {
-            "content-type": "application/json",
-            "anthropic-version": endpoint.options["version"],
-            **endpoint.headers,
-        }
-        if credentials.api_key:
-            headers["x-api-key"] = credentials.api_key
         payload = messages_request(body, endpoint.model, endpoint.options["maxTokens"], stream)
         return UpstreamRequest(
-            "POST", endpoint.base_url + "/v1/messages", headers, orjson.dumps(payload)
+            "POST",
+            endpoint.base_url + "/v1/messages",
+            _headers(endpoint, credentials),
+            orjson.dumps(payload),
         )
+
+    def count_tokens_request(
+        self, endpoint: Endpoint, credentials: Credentials, body: dict[str, Any]
+    ) -> UpstreamRequest:
+        payload = messages_request(body, endpoint.model, endpoint.options["maxTokens"], False)
+        counted = {k: payload[k] for k in _COUNTED if k in payload}
+        return UpstreamRequest(
+            "POST",
+            endpoint.base_url + "/v1/messages/count_tokens",
+            _headers(endpoint, credentials),
+            orjson.dumps(counted),
+        )
+
+    def count_tokens_result(self, body: bytes) -> int:
+        return token_count(body, "input_tokens", "the Anthropic count_tokens response")
 
     def translate_response(
         self, endpoint: Endpoint, op: Operation, body: bytes, request_body: dict[str, Any]
@@ -166,6 +184,17 @@ class AnthropicAdapter(ChatAdapter):
             elif _CONTENT_POLICY.search(message):
                 return content_policy_failure(endpoint, text, status, client_body)
         return UpstreamFailure(kind, text, status, parse_retry_after(headers), client_body)
+
+
+def _headers(endpoint: Endpoint, credentials: Credentials) -> dict[str, str]:
+    headers = {
+        "content-type": "application/json",
+        "anthropic-version": endpoint.options["version"],
+        **endpoint.headers,
+    }
+    if credentials.api_key:
+        headers["x-api-key"] = credentials.api_key
+    return headers
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str | None]:

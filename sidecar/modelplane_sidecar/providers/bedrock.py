@@ -66,6 +66,7 @@ from .openai_chat import (
     stop_sequences,
     system_text,
     text_of,
+    token_count,
     tool_call_id,
     tool_calls_of,
     tool_choice,
@@ -142,13 +143,7 @@ class BedrockAdapter(ChatAdapter):
         return _signed(endpoint, credentials, model, "count-tokens", payload, False)
 
     def count_tokens_result(self, body: bytes) -> int:
-        answer = parse_json_object(body, "the Bedrock CountTokens response")
-        tokens = answer.get("inputTokens")
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-            raise UpstreamFailure(
-                FailureKind.PROTOCOL, "the Bedrock CountTokens response has no inputTokens"
-            )
-        return tokens
+        return token_count(body, "inputTokens", "the Bedrock CountTokens response")
 
     def translate_response(
         self, endpoint: Endpoint, op: Operation, body: bytes, request_body: dict[str, Any]

@@ -430,3 +430,11 @@ def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UpstreamFailure(FailureKind.PROTOCOL, f"{what} is not a JSON object")
     return value
+
+
+def token_count(data: bytes, field: str, what: str) -> int:
+    """The token count in `field` of a provider's token counting answer (PROTOCOL if none)."""
+    tokens = parse_json_object(data, what).get(field)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise UpstreamFailure(FailureKind.PROTOCOL, f"{what} has no {field}")
+    return tokens

@@ -6,7 +6,9 @@ unknown or misspelt field is a 400 `invalid_request_error`), plus the rule that 
 `tool_result` answers a `tool_use` of the previous assistant turn. Responses and stream events
 are built from the SDK's response models, so their field names are Anthropic's, not ours.
 Behaviours as for the OpenAI stand-in, plus `kind="tool"` (answer with a tool_use of the first
-tool) and `kind="refusal"`.
+tool) and `kind="refusal"`. `POST /v1/messages/count_tokens` is checked the same way (against
+the SDK's `MessageCountTokensParams`: `max_tokens` or `stream` there are 400s) and answers the
+SDK's `MessageTokensCount`, `{"input_tokens": N}`; scripted behaviours apply to it too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from anthropic.types import (
     ErrorResponse,
     Message,
     MessageDeltaUsage,
+    MessageTokensCount,
     RawContentBlockDeltaEvent,
     RawContentBlockStartEvent,
     RawContentBlockStopEvent,
@@ -35,6 +38,7 @@ from anthropic.types import (
 )
 from anthropic.types import message_create_params as params
 from anthropic.types.input_json_delta import InputJSONDelta
+from anthropic.types.message_count_tokens_params import MessageCountTokensParams
 from anthropic.types.raw_message_delta_event import Delta
 from pydantic import BaseModel
 
@@ -68,10 +72,13 @@ _DEFAULT_MESSAGES = {
 class AnthropicStandIn(ScriptedStandIn):
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    #: Input tokens count_tokens answers (None: about four characters of messages per token).
+    counted_tokens: int | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         return app
 
     def auth_error(self, request: web.Request, raw: bytes) -> web.HTTPException | None:
@@ -98,6 +105,18 @@ class AnthropicStandIn(ScriptedStandIn):
         return json_error(
             status, _dump(body), {"request-id": str(body.request_id), **(headers or {})}
         )
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        body, _ = await self.prelude(request)
+        found = problems(body, MessageCountTokensParams)
+        found += _tool_results_answer_tool_uses(body.get("messages"))
+        if found:
+            raise self.error(400, "; ".join(found[:5]))
+        counted = self.counted_tokens
+        if counted is None:
+            counted = max(1, len(orjson.dumps(body.get("messages"))) // 4)
+        answer = MessageTokensCount(input_tokens=counted)
+        return web.Response(body=orjson.dumps(_dump(answer)), content_type="application/json")
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body, behaviour = await self.prelude(request)
