@@ -527,6 +527,8 @@ def _rc_cache(settings: CacheSettings) -> rc.CachePolicy:
         deterministic_only=settings.deterministic_only,
         stale_on_error=settings.stale_on_error,
         stale_seconds=settings.stale_seconds,
+        coalesce=settings.coalesce,
+        coalesce_max_waiters=settings.coalesce_max_waiters,
     )
 
 

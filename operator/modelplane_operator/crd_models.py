@@ -471,6 +471,11 @@ class CacheSettings(_Spec):
     x-modelplane-cache: stale) instead of an error."""
     stale_seconds: int = Field(default=86400, ge=0, le=2_592_000)
     """How long past its TTL an answer is kept for staleOnError."""
+    coalesce: bool = True
+    """Identical cacheable requests that arrive while one is in flight upstream wait for its
+    answer instead of calling upstream too (request coalescing)."""
+    coalesce_max_waiters: int = Field(default=64, ge=1, le=10_000)
+    """How many requests may wait for one in flight; more call upstream themselves."""
 
 
 class RedisSettings(_Spec):

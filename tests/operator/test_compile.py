@@ -372,6 +372,14 @@ def test_options_the_sidecar_rejects_are_reported_on_the_endpoint() -> None:
             {"models": [route("chat", "gpt")], "retry": {"maxAttempts": 0}},
             "spec.retry.maxAttempts: Input should be greater than or equal to 1",
         ),
+        (
+            {"models": [route("chat", "gpt")], "cache": {"coalesceMaxWaiters": 0}},
+            "spec.cache.coalesceMaxWaiters: Input should be greater than or equal to 1",
+        ),
+        (
+            {"models": [route("chat", "gpt")], "cache": {"coalesce": "sometimes"}},
+            "spec.cache.coalesce: Input should be a valid boolean",
+        ),
     ],
 )
 def test_invalid_policy_specs(spec: dict[str, Any], expected: str) -> None:
@@ -624,6 +632,8 @@ def test_cache_and_lanes_compile_into_the_sidecar_config() -> None:
         "deterministicOnly": False,
         "staleOnError": True,
         "staleSeconds": 3600,
+        "coalesce": False,
+        "coalesceMaxWaiters": 8,
     }
     batch_rule = {
         "name": "nightly",
@@ -661,9 +671,15 @@ def test_cache_and_lanes_compile_into_the_sidecar_config() -> None:
         deterministic_only=False,
         stale_on_error=True,
         stale_seconds=3600,
+        coalesce=False,
+        coalesce_max_waiters=8,
     )
     assert models["chat"].lane is None
     assert models["bulk"].lane is rc.LaneName.BATCH and models["bulk"].cache.enabled
+    # Unset: the sidecar's defaults (coalescing on, 64 waiters per flight).
+    assert models["bulk"].cache.coalesce and models["bulk"].cache.coalesce_max_waiters == 64
+    shipped = parse_config(wire_config(config))
+    assert {m.name: m.cache.coalesce_max_waiters for m in shipped.models}["chat"] == 8
     assert not models["other"].cache.enabled
     (rule,) = config.rules
     assert rule.lane is rc.LaneName.BATCH and rule.cache is None
