@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 
 from modelplane_sidecar.config import parse_config
@@ -137,3 +138,9 @@ def http(method: str, url: str, body: bytes | None = None, **headers: str) -> Ht
             return HttpReply(resp.status, dict(resp.headers), resp.read())
     except urllib.error.HTTPError as err:
         return HttpReply(err.code, dict(err.headers), err.read())
+
+
+def complete_jsonl(data: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of `data`'s complete lines: a file another thread is still writing may
+    end in half a line, which is left for the next read."""
+    return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]

@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from harness import Router, Upstreams, endpoint
+from harness import Router, Upstreams, complete_jsonl, endpoint
 
 from modelplane_sidecar.audit import AuditLog, generate_key, public_key_text
 from modelplane_sidecar.auditing import AuditTrail, Identity
@@ -61,7 +61,7 @@ class _Audited:
         """The file's request records once there are `count` (bounded wait for the flush)."""
         records: list[dict[str, Any]] = []
         for _ in range(3000):
-            lines = [orjson.loads(line) for line in self.path.read_bytes().splitlines()]
+            lines = complete_jsonl(self.path.read_bytes())
             records = [r for r in lines if r["type"] == "request"]
             if len(records) >= count:
                 return records

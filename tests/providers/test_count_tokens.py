@@ -15,7 +15,7 @@ from typing import Any
 import anthropic
 import orjson
 import pytest
-from harness import Router, Upstreams
+from harness import Router, Upstreams, complete_jsonl
 from provider_support import anthropic_client, chain, ep
 
 from modelplane_sidecar.audit import AuditLog, generate_key
@@ -70,7 +70,7 @@ class _Audited:
         """The request records once there are `count` (bounded wait for the flush: 30 s)."""
         records: list[dict[str, Any]] = []
         for _ in range(3000):
-            lines = [orjson.loads(line) for line in self.path.read_bytes().splitlines()]
+            lines = complete_jsonl(self.path.read_bytes())
             records = [r for r in lines if r["type"] == "request"]
             if len(records) >= count:
                 return records
