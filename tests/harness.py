@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -144,3 +146,17 @@ def complete_jsonl(data: bytes) -> list[dict[str, Any]]:
     """The JSON objects of `data`'s complete lines: a file another thread is still writing may
     end in half a line, which is left for the next read."""
     return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+
+
+def audit_requests(path: Path, count: int) -> list[dict[str, Any]]:
+    """The request records of the audit file at `path` once there are `count` of them (a bounded
+    wait, 30 s at most, for the sidecar's batched writes)."""
+    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30.0
+    while True:
+        records = [r for r in complete_jsonl(path.read_bytes()) if r["type"] == "request"]
+        if len(records) >= count:
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(records)} audit records written, expected {count}")
+        time.sleep(0.01)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from harness import Router, Upstreams, complete_jsonl, endpoint
+from harness import Router, Upstreams, audit_requests, endpoint
 
 from modelplane_sidecar.audit import AuditLog, generate_key, public_key_text
 from modelplane_sidecar.auditing import AuditTrail, Identity
@@ -58,15 +57,8 @@ class _Audited:
         return openai.OpenAI(base_url=self.router.url + "/v1", api_key=APP_KEY, max_retries=0)
 
     def records(self, count: int) -> list[dict[str, Any]]:
-        """The file's request records once there are `count` (bounded wait for the flush)."""
-        records: list[dict[str, Any]] = []
-        for _ in range(3000):
-            lines = complete_jsonl(self.path.read_bytes())
-            records = [r for r in lines if r["type"] == "request"]
-            if len(records) >= count:
-                return records
-            time.sleep(0.01)
-        raise AssertionError(f"{len(records)} audit records written, expected {count}")
+        """The file's request records once there are `count`."""
+        return audit_requests(self.path, count)
 
 
 def _jsonl(n: int) -> bytes:

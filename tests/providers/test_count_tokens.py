@@ -8,14 +8,13 @@ SDK's own `MessageCountTokensParams` and answers its `MessageTokensCount`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import orjson
 import pytest
-from harness import Router, Upstreams, complete_jsonl
+from harness import Router, Upstreams, audit_requests
 from provider_support import anthropic_client, chain, ep
 
 from modelplane_sidecar.audit import AuditLog, generate_key
@@ -67,15 +66,8 @@ class _Audited:
         self.router = Router(upstreams.servers, app, upstreams.servers.serve(app))
 
     def records(self, count: int) -> list[dict[str, Any]]:
-        """The request records once there are `count` (bounded wait for the flush: 30 s)."""
-        records: list[dict[str, Any]] = []
-        for _ in range(3000):
-            lines = complete_jsonl(self.path.read_bytes())
-            records = [r for r in lines if r["type"] == "request"]
-            if len(records) >= count:
-                return records
-            time.sleep(0.01)
-        raise AssertionError(f"{len(records)} audit records written, expected {count}")
+        """The file's request records once there are `count`."""
+        return audit_requests(self.path, count)
 
 
 def test_a_chain_of_anthropic_and_bedrock_counts_with_metrics_and_audit(
