@@ -228,8 +228,18 @@ def test_override_annotations_reach_the_stored_pod(cluster: Cluster, labelled: s
 def test_operator_keeps_its_certificates_in_a_tls_secret(
     cluster: Cluster, install: Install
 ) -> None:
-    secret = cluster.kubectl_json("get", "secret", install.secret, "-n", install.namespace)
+    def written() -> dict[str, Any] | None:
+        """The Secret once the operator has written it and set the caBundle from it (this test
+        may run before any other has waited for the operator to start)."""
+        found = cluster.kubectl(
+            "get", "secret", install.secret, "-n", install.namespace, "-o", "json", check=False
+        )
+        if found.returncode != 0:
+            return None
+        stored: dict[str, Any] = json.loads(found.stdout)
+        return stored if install.ca_bundle() is not None else None
 
+    secret = wait_for(written, "the operator's TLS Secret and caBundle", timeout=60)
     assert secret["type"] == "kubernetes.io/tls"
     assert set(secret["data"]) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
     assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "modelplane-operator"
