@@ -22,6 +22,7 @@ import openai
 import orjson
 import pytest
 from harness import Router, ServerThread, Upstreams, chain_config, endpoint
+from redis_support import HeldGetReply, RedisServer
 
 from modelplane_sidecar.audit import AuditChain, AuditLog, generate_key
 from modelplane_sidecar.auditing import AuditTrail, Identity
@@ -441,3 +442,45 @@ async def test_a_flight_that_never_lands_times_a_waiter_out_and_stays_in_the_air
     flights.land(flight, None)
     assert flights.get("k") is None and len(flights) == 0
     assert await flight.wait(30) is None
+
+
+async def test_a_request_whose_redis_lookup_outlasts_the_flight_is_answered_from_the_cache(
+    upstreams: Upstreams, redis_server: RedisServer
+) -> None:
+    # With a shared Redis, a lookup that misses locally waits for Redis. If the leader of the
+    # identical request's flight stores its answer and lands meanwhile, the request finds no
+    # flight when Redis says "none": it must find the answer in the local store, not call
+    # upstream a second time. The relay answers the second request's GET (Redis: none) but
+    # holds that answer until the leader's app has its response.
+    relay = HeldGetReply(redis_server.port)
+    await relay.start()
+    try:
+        standin, url = upstreams.openai("a")
+        raw = config(url)
+        raw["cache"] = {"redis": {"url": relay.url, "timeoutSeconds": 10, "retrySeconds": 60}}
+        router = upstreams.router(raw)
+        sdk = client(router)
+        gate = asyncio.Event()
+        standin.then(Behaviour(hold=gate))
+        leader = asyncio.create_task(ask(sdk, "leader"))
+        await until(lambda: len(standin.received) == 1, "the leader's upstream call")
+        relay.arm()
+        late = asyncio.create_task(ask(sdk, "late"))
+        await asyncio.wait_for(relay.held.wait(), 60)
+        release(upstreams, gate)
+        lead_headers, answer = await leader
+        assert lead_headers["x-modelplane-cache"] == "miss"
+        relay.release()
+        headers, completion = await late
+        # The sidecar's Redis writes go through the relay too: let them end before it does.
+        shared = router.sidecar.cache.redis
+        assert shared is not None
+        servers = upstreams.servers
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(shared.drain(), servers.loop))
+    finally:
+        await relay.close()
+    assert completion.id == answer.id and len(standin.received) == 1
+    # Unless the held GET timed out (10 s, the most the config allows; then the request may
+    # also have found the leader still in flight), the answer came from the local store.
+    if router.metric("modelplane_cache_backend_errors_total", backend="redis") == 0:
+        assert headers["x-modelplane-cache"] == "hit"

@@ -261,12 +261,16 @@ class ResponseCache:
     async def _get(self, tenant: str, key: str, now: float) -> CachedResponse | None:
         entry = self.local.get(key, now)
         if entry is None and self.redis is not None:
-            entry = await self.redis.get(tenant, key)
-            if entry is not None and now < entry.keep_until:
-                self.local.put(key, entry)
+            shared = await self.redis.get(tenant, key)
+            # While this request waited for Redis, the leader of an identical request's flight
+            # may have stored its answer here and landed (before its Redis write, if any, was
+            # done): without looking again, this request would find no flight and call upstream
+            # a second time.
+            entry = self.local.get(key, now)
+            if entry is None and shared is not None and now < shared.keep_until:
+                self.local.put(key, shared)
                 self._gauges()
-            else:
-                entry = None
+                entry = shared
         if entry is not None and entry.tenant != tenant:
             return None
         return entry
