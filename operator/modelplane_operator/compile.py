@@ -527,6 +527,7 @@ def _rc_cache(settings: CacheSettings) -> rc.CachePolicy:
         deterministic_only=settings.deterministic_only,
         stale_on_error=settings.stale_on_error,
         stale_seconds=settings.stale_seconds,
+        max_entry_bytes=settings.max_entry_bytes,
         coalesce=settings.coalesce,
         coalesce_max_waiters=settings.coalesce_max_waiters,
     )

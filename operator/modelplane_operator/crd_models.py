@@ -471,6 +471,9 @@ class CacheSettings(_Spec):
     x-modelplane-cache: stale) instead of an error."""
     stale_seconds: int = Field(default=86400, ge=0, le=2_592_000)
     """How long past its TTL an answer is kept for staleOnError."""
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=256, le=64 * 1024 * 1024)
+    """The largest answer cached, in bytes (a larger one is served but not stored, and a
+    streamed one larger than this is not handed to coalesced requests)."""
     coalesce: bool = True
     """Identical cacheable requests that arrive while one is in flight upstream wait for its
     answer instead of calling upstream too (request coalescing)."""

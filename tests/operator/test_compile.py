@@ -380,6 +380,10 @@ def test_options_the_sidecar_rejects_are_reported_on_the_endpoint() -> None:
             {"models": [route("chat", "gpt")], "cache": {"coalesce": "sometimes"}},
             "spec.cache.coalesce: Input should be a valid boolean",
         ),
+        (
+            {"models": [route("chat", "gpt")], "cache": {"maxEntryBytes": 100}},
+            "spec.cache.maxEntryBytes: Input should be greater than or equal to 256",
+        ),
     ],
 )
 def test_invalid_policy_specs(spec: dict[str, Any], expected: str) -> None:
@@ -634,6 +638,7 @@ def test_cache_and_lanes_compile_into_the_sidecar_config() -> None:
         "staleSeconds": 3600,
         "coalesce": False,
         "coalesceMaxWaiters": 8,
+        "maxEntryBytes": 4096,
     }
     batch_rule = {
         "name": "nightly",
@@ -673,13 +678,17 @@ def test_cache_and_lanes_compile_into_the_sidecar_config() -> None:
         stale_seconds=3600,
         coalesce=False,
         coalesce_max_waiters=8,
+        max_entry_bytes=4096,
     )
     assert models["chat"].lane is None
     assert models["bulk"].lane is rc.LaneName.BATCH and models["bulk"].cache.enabled
     # Unset: the sidecar's defaults (coalescing on, 64 waiters per flight).
     assert models["bulk"].cache.coalesce and models["bulk"].cache.coalesce_max_waiters == 64
-    shipped = parse_config(wire_config(config))
-    assert {m.name: m.cache.coalesce_max_waiters for m in shipped.models}["chat"] == 8
+    # Unset: the sidecar's default largest answer (1 MiB).
+    assert models["bulk"].cache.max_entry_bytes == rc.CachePolicy().max_entry_bytes
+    shipped = {m.name: m.cache for m in parse_config(wire_config(config)).models}
+    assert shipped["chat"].coalesce_max_waiters == 8
+    assert shipped["chat"].max_entry_bytes == 4096
     assert not models["other"].cache.enabled
     (rule,) = config.rules
     assert rule.lane is rc.LaneName.BATCH and rule.cache is None
