@@ -11,6 +11,11 @@ endpoint's `limits.maxConcurrency` run there (and the endpoint is not full). Bat
 therefore never hold more than its share of an endpoint: the rest stays free for real-time
 requests, however many batch requests are waiting. Real-time requests are not limited unless the
 real-time lane is given a `maxConcurrency`; an unlimited lane costs the request path nothing.
+
+A busy cheapest endpoint is waited for (routing keeps a full endpoint among a batch request's
+candidates); the request spills to the next candidate with room only once that endpoint is not
+healthy (breaker open, no ready replica) or it has waited `maxWaitSeconds`, and gets the 503
+when none has room.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .config import LaneName, LaneSettings, ModelAlias
 from .errors import ApiError, bad_request
 from .metrics import SidecarMetrics
 from .routing import RouteDecision, RoutedRequest
+from .routing.filters import Removal
 from .runtime import EndpointRuntime, Snapshot
 
 #: How often the head of a batch queue re-checks its endpoint's load (which real-time requests
@@ -45,8 +51,18 @@ class Lane:
         self._turn = asyncio.Lock()
         self._released = asyncio.Event()
 
-    async def acquire(self, settings: LaneSettings, room: Callable[[], bool] | None) -> float:
-        """Take a slot, waiting in line if needed; returns the seconds waited."""
+    async def acquire(
+        self,
+        settings: LaneSettings,
+        room: Callable[[], bool] | None,
+        last_chance: Callable[[], bool] | None = None,
+    ) -> float:
+        """Take a slot, waiting in line if needed; returns the seconds waited.
+
+        `room`: whether the request may start besides a free slot (re-checked while it heads the
+        queue). `last_chance`: asked once when the wait bound passes, with a slot free: True
+        takes the slot after all (a batch request spilling to another endpoint), False is the
+        503."""
         limit = settings.max_concurrency
 
         def free() -> bool:
@@ -76,6 +92,13 @@ class Lane:
                             await self._released.wait()
                 self.in_flight += 1
         except TimeoutError:
+            if (
+                last_chance is not None
+                and (limit is None or self.in_flight < limit)
+                and last_chance()
+            ):
+                self.in_flight += 1
+                return loop.time() - started
             raise ApiError(
                 503,
                 f"Waited {settings.max_wait_seconds:g}s in the {self.name.value} lane without "
@@ -120,6 +143,15 @@ def endpoint_room(endpoint: EndpointRuntime, share: float, batch_here: int) -> b
     return batch_here < max(1, int(limit * share)) and endpoint.state.in_flight < limit
 
 
+def healthy(endpoint: EndpointRuntime, alias: ModelAlias) -> bool:
+    """Whether routing would still try `endpoint` (routing/filters.py): its circuit breaker is
+    not open and, self-hosted, a replica is ready."""
+    if endpoint.state.breaker.retry_in(alias.circuit_breaker) > 0:
+        return False
+    pool = endpoint.pool
+    return pool is None or bool(pool.ready())
+
+
 def cheapest_first(decision: RouteDecision, request: RoutedRequest) -> None:
     """Reorder the decision's candidates by estimated price of this request (stable)."""
     body = request.body
@@ -161,6 +193,14 @@ class LaneMetrics:
             "Time requests waited in a lane's queue before they were forwarded.",
             ["lane"],
             buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.spilled = Counter(
+            "modelplane_lane_spilled",
+            "Batch requests admitted for a pricier endpoint than their cheapest one, by reason "
+            "(wait_bound: it stayed full for maxWaitSeconds; unhealthy: breaker open or no "
+            "ready replica while waiting).",
+            ["reason"],
             registry=r,
         )
 
@@ -290,17 +330,37 @@ class LaneGate:
         settings: LaneSettings
         counts: dict[str, int] | None = None
         first = ""
+        last_chance: Callable[[], bool] | None = None
+        #: The candidate the batch request is admitted for (0: its first, the cheapest).
+        chosen = [0]
         if lane is LaneName.BATCH:
             batch = lanes.batch
             settings = batch
             if batch.cheapest_first:
                 cheapest_first(decision, request)
-            endpoint = decision.candidates[0]
-            first = endpoint.name
+            candidates = decision.candidates
             counts = self._batch_at
+            alias = decision.alias
+
+            def fits(endpoint: EndpointRuntime) -> bool:
+                return endpoint_room(endpoint, batch.endpoint_share, counts.get(endpoint.name, 0))
+
+            def spill() -> bool:
+                for i, other in enumerate(candidates[1:], 1):
+                    if healthy(other, alias) and fits(other):
+                        chosen[0] = i
+                        return True
+                return False
 
             def room() -> bool:
-                return endpoint_room(endpoint, batch.endpoint_share, counts.get(first, 0))
+                # Wait for the first candidate while it is only busy; spill once it is not
+                # healthy any more (breaker opened, no replica ready) to one that has room.
+                if fits(candidates[0]):
+                    chosen[0] = 0
+                    return True
+                return not healthy(candidates[0], alias) and spill()
+
+            last_chance = spill
 
         else:
             settings = lanes.realtime
@@ -308,7 +368,7 @@ class LaneGate:
                 return None
         gate = self._lanes[lane]
         try:
-            waited = await gate.acquire(settings, room)
+            waited = await gate.acquire(settings, room, last_chance)
         except ApiError as exc:
             self.metrics.rejected.labels(lane.value, exc.code or "").inc()
             raise
@@ -316,5 +376,39 @@ class LaneGate:
         if waited:
             self.metrics.wait.labels(lane.value).observe(waited)
         if counts is not None:
+            first = self._admitted_for(decision, chosen[0], waited)
             counts[first] = counts.get(first, 0) + 1
         return LaneTicket(gate, counts, first).release
+
+    def _admitted_for(self, decision: RouteDecision, chosen: int, waited: float) -> str:
+        """Put the endpoint a batch request was admitted for first, and drop the others that
+        are full now (as routing does for any other request), so a fallback never takes an
+        endpoint's last slots from real-time traffic. Returns the endpoint's name."""
+        candidates = decision.candidates
+        target = candidates[chosen]
+        trace = decision.trace
+        if chosen:
+            wanted = candidates[0]
+            if healthy(wanted, decision.alias):
+                reason, why = "wait_bound", f"still full after {waited:.1f}s"
+            else:
+                reason, why = "unhealthy", "not healthy (breaker open or no ready replica)"
+            self.metrics.spilled.labels(reason).inc()
+            if trace is not None:
+                trace.pick += f"; batch lane: {wanted.name} {why}, spilled to {target.name}"
+        kept = [target]
+        for other in candidates:
+            if other is target:
+                continue
+            limit = other.config.limits.max_concurrency
+            if limit is not None and other.state.in_flight >= limit:
+                reason = f"{other.state.in_flight} requests in flight, limit {limit} (batch lane)"
+                decision.removed.append((other.name, reason))
+                if trace is not None:
+                    trace.removed.append(Removal(other.name, "batch-lane", reason))
+            else:
+                kept.append(other)
+        decision.candidates = kept
+        if trace is not None:
+            trace.order = [e.name for e in kept]
+        return target.name

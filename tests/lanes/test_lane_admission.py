@@ -12,7 +12,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from modelplane_sidecar.config import LaneName, LaneSettings, parse_config
 from modelplane_sidecar.errors import ApiError
-from modelplane_sidecar.lanes import Lane, cheapest_first, endpoint_room
+from modelplane_sidecar.lanes import Lane, LaneGate, cheapest_first, endpoint_room
+from modelplane_sidecar.metrics import SidecarMetrics
 from modelplane_sidecar.providers.base import Operation
 from modelplane_sidecar.routing import RoutedRequest, decide
 from modelplane_sidecar.runtime import Snapshot
@@ -90,7 +91,9 @@ async def test_waits_for_endpoint_room_even_with_free_slots() -> None:
     assert lane.in_flight == 1
 
 
-def _snapshot(**limits: Any) -> Snapshot:
+def _snapshot(
+    lanes: dict[str, Any] | None = None, chain: tuple[str, ...] = ("cloud", "llama"), **limits: Any
+) -> Snapshot:
     config = parse_config(
         {
             "endpoints": [
@@ -106,7 +109,8 @@ def _snapshot(**limits: Any) -> Snapshot:
                     limits=limits,
                 ),
             ],
-            "models": [{"name": "chat", "endpoints": ["cloud", "llama"]}],
+            "models": [{"name": "chat", "endpoints": list(chain)}],
+            "lanes": lanes or {},
         }
     )
     return Snapshot.build(config)
@@ -144,3 +148,68 @@ def test_cheapest_first_reorders_and_says_so_in_the_trace() -> None:
     assert decision.trace is not None
     assert decision.trace.order == ["llama", "cloud"]
     assert "batch lane: llama first (cheapest)" in decision.trace.pick
+
+
+def _batch_request() -> RoutedRequest:
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    headers = CIMultiDictProxy(CIMultiDict({"x-modelplane-priority": "batch"}))
+    return RoutedRequest(Operation.CHAT, body, headers, "chat", False)
+
+
+def test_routing_keeps_a_full_endpoint_for_batch_requests_only() -> None:
+    snapshot = _snapshot(maxConcurrency=1)
+    snapshot.endpoints["llama"].state.in_flight = 1
+    realtime = RoutedRequest(
+        Operation.CHAT, _batch_request().body, CIMultiDictProxy(CIMultiDict()), "chat", False
+    )
+    assert [e.name for e in decide(snapshot, realtime).candidates] == ["cloud"]
+    # The batch lane waits for room at llama instead (LaneGate.admit).
+    assert [e.name for e in decide(snapshot, _batch_request()).candidates] == ["cloud", "llama"]
+
+
+async def _queued(gate: LaneGate, count: int) -> None:
+    """Bounded wait (60 s of wall time) until `count` requests wait in the batch queue."""
+    for _ in range(6000):
+        if gate.lane(LaneName.BATCH).queued == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {count} requests in the batch queue")
+
+
+async def test_a_waiting_batch_request_spills_once_its_endpoint_is_unhealthy() -> None:
+    snapshot = _snapshot(maxConcurrency=1)
+    llama = snapshot.endpoints["llama"]
+    llama.state.in_flight = 1  # full of real-time requests
+    metrics = SidecarMetrics()
+    gate = LaneGate(metrics)
+    request = _batch_request()
+    decision = decide(snapshot, request)
+    admitting = asyncio.create_task(gate.admit(snapshot, request, decision, LaneName.BATCH))
+    await _queued(gate, 1)
+    assert not admitting.done()
+    policy = decision.alias.circuit_breaker
+    for _ in range(policy.failure_threshold):
+        llama.state.breaker.record_failure(policy)
+    release = await asyncio.wait_for(admitting, 60)
+    # Admitted for the cloud; llama, still full, is no fallback either.
+    assert [e.name for e in decision.candidates] == ["cloud"]
+    assert ("llama", "1 requests in flight, limit 1 (batch lane)") in decision.removed
+    assert decision.trace is not None
+    assert "batch lane: llama not healthy" in decision.trace.pick
+    reason = {"reason": "unhealthy"}
+    assert metrics.registry.get_sample_value("modelplane_lane_spilled_total", reason) == 1
+    assert release is not None
+    release()
+    assert gate.lane(LaneName.BATCH).in_flight == 0
+
+
+async def test_a_batch_request_with_nowhere_to_spill_gets_503_after_its_wait() -> None:
+    snapshot = _snapshot({"batch": {"maxWaitSeconds": 0.05}}, ("llama",), maxConcurrency=1)
+    snapshot.endpoints["llama"].state.in_flight = 1  # stays full
+    gate = LaneGate(SidecarMetrics())
+    request = _batch_request()
+    decision = decide(snapshot, request)
+    with pytest.raises(ApiError) as caught:
+        await gate.admit(snapshot, request, decision, LaneName.BATCH)
+    assert caught.value.status == 503 and caught.value.code == "lane_wait_timeout"
+    assert gate.lane(LaneName.BATCH).in_flight == 0

@@ -183,11 +183,10 @@ def test_full_batch_queue_is_429_and_a_long_wait_is_503(upstreams: Upstreams) ->
 
 async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstreams) -> None:
     lanes = {"batch": {"maxConcurrency": 16, "maxQueue": 64, "endpointShare": 0.5}}
-    # Five slots: the batch share is int(0.5 * 5) = 2, and with the two real-time users llama is
-    # never full. (A full llama is filtered out when a batch request is routed, so that request
-    # goes to the cloud: on a loaded machine the batch requests arrive spread out, and some would
-    # find llama full and go to the cloud.)
-    router, cloud, _, counter = _world(upstreams, lanes, delay=0.02, llama_slots=5)
+    # Four slots: the batch share is 2, the two real-time users take the other two. A batch
+    # request that finds llama full (2 batch + 2 real-time) waits for it in the batch queue; it
+    # never goes to the cloud (maxWaitSeconds 300).
+    router, cloud, _, counter = _world(upstreams, lanes, delay=0.02)
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
 
     async def batch_job(n: int) -> str:
@@ -216,7 +215,7 @@ async def test_saturating_batch_load_completes_within_its_share(upstreams: Upstr
     assert batch_served == ["llama"] * 40
     # Real-time requests on the same self-hosted endpoint were never refused for capacity.
     assert all(served == ["llama"] * 5 for served in realtime_served)
-    assert counter.peak["batch"] == 2  # half of llama's maxConcurrency of 5, and no more
+    assert counter.peak["batch"] == 2  # half of llama's maxConcurrency of 4, and no more
     assert counter.peak["realtime"] >= 1
     assert not cloud.received
     assert router.metric("modelplane_lane_admitted_total", lane="batch") == 40
@@ -245,3 +244,87 @@ def test_a_batch_request_waits_where_real_time_would_get_429(upstreams: Upstream
     for thread in busy:
         thread.join(10)
     assert len(llama.received) == 5
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Wait until `check()` holds, for at most 60 s of wall time (the machine may be loaded)."""
+    for _ in range(6000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+class HeldLlama:
+    """llama (maxConcurrency 2) full of two real-time requests held at the stand-in until
+    `release()`; while they are held, llama stays full whatever the machine's speed."""
+
+    def __init__(self, upstreams: Upstreams, lanes: dict[str, Any]) -> None:
+        self.upstreams = upstreams
+        self.router, self.cloud, self.llama, _ = _world(upstreams, lanes, llama_slots=2)
+        self.client = openai.AsyncOpenAI(
+            base_url=self.router.url + "/v1", api_key="x", max_retries=0
+        )
+        self.gate = asyncio.Event()
+        self.busy: list[asyncio.Task[Any]] = []
+
+    async def fill(self) -> None:
+        self.llama.then(Behaviour(hold=self.gate), Behaviour(hold=self.gate))
+        self.busy = [asyncio.create_task(self.ask("local")) for _ in range(2)]
+        await until(lambda: len(self.llama.received) == 2, "llama holding two requests")
+
+    def ask(self, model: str, **extra: Any) -> Any:
+        return self.client.chat.completions.with_raw_response.create(
+            model=model, messages=HELLO, **extra
+        )
+
+    async def release(self) -> None:
+        self.upstreams.servers.loop.call_soon_threadsafe(self.gate.set)
+        for raw in await asyncio.gather(*self.busy):
+            assert raw.headers["x-modelplane-endpoint"] == "llama"
+
+
+async def test_a_batch_request_waits_for_the_busy_cheap_endpoint(upstreams: Upstreams) -> None:
+    scene = HeldLlama(upstreams, {})
+    await scene.fill()
+    # Real-time traffic is unchanged: llama is full, a real-time request is refused at once.
+    with pytest.raises(openai.RateLimitError) as refused:
+        await scene.ask("local")
+    assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    # A batch request of `chat` (cloud, llama) waits in the batch queue for llama, instead of
+    # going to the cloud because llama is full right now.
+    batch = asyncio.create_task(scene.ask("chat", extra_headers=BATCH))
+    router = scene.router
+    await until(
+        lambda: router.metric("modelplane_lane_queued_requests", lane="batch") == 1, "queued"
+    )
+    assert not batch.done() and not scene.cloud.received
+    await scene.release()
+    raw = await batch
+    assert raw.headers["x-modelplane-endpoint"] == "llama"
+    assert not scene.cloud.received
+    assert len(scene.llama.received) == 3
+    assert router.metric("modelplane_lane_wait_seconds_count", lane="batch") == 1
+    assert router.metric("modelplane_lane_spilled_total") == 0
+    await scene.client.close()
+
+
+async def test_a_batch_request_spills_after_its_wait_bound(upstreams: Upstreams) -> None:
+    # llama stays full (held) for the whole test: past maxWaitSeconds, whatever the machine's
+    # speed, the batch request goes to the next candidate with room.
+    scene = HeldLlama(upstreams, {"batch": {"maxWaitSeconds": 0.2}})
+    await scene.fill()
+    raw = await scene.ask("chat", extra_headers=BATCH)
+    assert raw.headers["x-modelplane-endpoint"] == "cloud"
+    assert len(scene.cloud.received) == 1
+    router = scene.router
+    assert router.metric("modelplane_lane_spilled_total", reason="wait_bound") == 1
+    # `local` has no other endpoint: past the bound, the batch request gets a clear 503.
+    with pytest.raises(openai.InternalServerError) as timed_out:
+        await scene.ask("local", extra_headers=BATCH)
+    assert timed_out.value.status_code == 503
+    assert timed_out.value.body["code"] == "lane_wait_timeout"  # type: ignore[index]
+    assert len(scene.llama.received) == 2  # nothing more reached llama while it was full
+    await scene.release()
+    assert router.metric("modelplane_lane_rejected_total", reason="lane_wait_timeout") == 1
+    await scene.client.close()

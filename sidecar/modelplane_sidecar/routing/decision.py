@@ -17,7 +17,7 @@ from typing import Any
 
 from multidict import CIMultiDictProxy
 
-from ..config import ModelAlias, RouterConfig, Strategy
+from ..config import LaneName, ModelAlias, RouterConfig, Rule, Strategy
 from ..errors import ApiError
 from ..providers.base import Operation
 from ..runtime import EndpointRuntime, Snapshot
@@ -202,6 +202,18 @@ def route_table(snapshot: Snapshot) -> RouteTable:
     )
 
 
+def _batch(
+    config: RouterConfig, request: RoutedRequest, alias: ModelAlias, rule: Rule | None
+) -> bool:
+    """Whether the request is in the batch lane: as `LaneGate.lane_for` (the rule's lane, else
+    the alias's, else the app's header; an invalid header is its 400, not this)."""
+    lane = (rule.lane if rule is not None else None) or alias.lane
+    if lane is not None:
+        return lane is LaneName.BATCH
+    raw = request.headers.get(config.lanes.header)
+    return raw is not None and raw.strip().lower() == LaneName.BATCH.value
+
+
 def _run(
     snapshot: Snapshot,
     request: RoutedRequest,
@@ -240,6 +252,7 @@ def _run(
         config.budget,
         rng,
         config.budgets,
+        _batch(config, request, alias, rule),
     )
     unavailable: ApiError | None = None
     try:

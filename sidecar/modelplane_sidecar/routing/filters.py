@@ -66,6 +66,9 @@ class RouteContext:
     rng: random.Random
     #: The operator's budgets with their mode (scope per endpoint): see `WithinBudget`.
     budgets: tuple[SpendBudget, ...] = ()
+    #: A batch-lane request: an endpoint that is momentarily full is kept, the batch lane waits
+    #: for its room (lanes.py) instead of the request spilling to a pricier endpoint.
+    batch: bool = False
 
 
 class CandidateFilter(Protocol):
@@ -276,7 +279,11 @@ class ContextWindow:
 
 
 class WithinLimits:
-    """The endpoint's configured concurrency, requests-per-minute and tokens-per-minute."""
+    """The endpoint's configured concurrency, requests-per-minute and tokens-per-minute.
+
+    A batch request keeps an endpoint that is only full (`maxConcurrency` reached): the batch
+    lane's admission waits for room there, bounded by the lane's queue (lanes.py).
+    """
 
     name = "rate-limit"
 
@@ -292,8 +299,9 @@ class WithinLimits:
         endpoint = candidate.endpoint
         limits = endpoint.config.limits
         state = endpoint.state
-        if limits.max_concurrency is not None and state.in_flight >= limits.max_concurrency:
-            return f"{state.in_flight} requests in flight, limit {limits.max_concurrency}"
+        limit = limits.max_concurrency
+        if limit is not None and state.in_flight >= limit and not ctx.batch:
+            return f"{state.in_flight} requests in flight, limit {limit}"
         if limits.requests_per_minute is None and limits.tokens_per_minute is None:
             return None
         requests, tokens = state.stats.rate()
