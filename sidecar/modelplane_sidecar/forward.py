@@ -515,6 +515,10 @@ class Forwarder:
                     data = await resp.read()
                     status = resp.status
                     resp_headers = resp.headers
+        except aiohttp.ConnectionTimeoutError:
+            # Also a TimeoutError: the connection, not the answer, was too slow.
+            _replica_failed(ex, replica, connect=True)
+            raise connect_timed_out(cfg.timeouts.connect_seconds) from None
         except TimeoutError:
             # A timeout is at least that slow: lowest-latency routing should see it.
             endpoint.state.stats.observe_latency(timeout)
@@ -585,6 +589,9 @@ class Forwarder:
                 replica.outstanding -= 1
             if resp is not None:
                 resp.close()
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                _replica_failed(ex, replica, connect=True)
+                raise connect_timed_out(cfg.timeouts.connect_seconds) from None
             if isinstance(exc, TimeoutError):
                 _replica_failed(ex, replica, connect=False)
                 raise UpstreamFailure(
@@ -884,6 +891,14 @@ class Forwarder:
                 "x-request-id": ex.request_id,
             },
         )
+
+
+def connect_timed_out(seconds: float) -> UpstreamFailure:
+    """aiohttp's `sock_connect` timeout (`ConnectionTimeoutError`, a TimeoutError too): the
+    upstream was never reached, so it is a connection failure, not a slow answer."""
+    return UpstreamFailure(
+        FailureKind.CONNECT, f"no connection to the upstream within {seconds:g}s (connect timeout)"
+    )
 
 
 def _connection_failure(exc: aiohttp.ClientError) -> UpstreamFailure:

@@ -30,6 +30,7 @@ from prometheus_client import Counter
 
 from ..auditing import AuditTrail, RequestEnd
 from ..errors import ApiError
+from ..forward import connect_timed_out
 from ..metrics import Outcome, SidecarMetrics
 from ..providers.base import FailureKind, Operation, TokenCounter, UpstreamFailure
 from ..routing import DecisionTrace, RoutedRequest, decide
@@ -234,6 +235,9 @@ async def _count(
         ):
             data = await response.read()
             status, response_headers = response.status, response.headers
+    except aiohttp.ConnectionTimeoutError:
+        # A TimeoutError too, but of the connection (`sock_connect`), not of the answer.
+        raise connect_timed_out(cfg.timeouts.connect_seconds) from None
     except TimeoutError:
         raise UpstreamFailure(
             FailureKind.TIMEOUT, f"no answer to the token count within {timeout:g}s"
