@@ -57,6 +57,7 @@ CATALOGUE: dict[str, tuple[str, set[str]]] = {
     "modelplane_lane_admitted": ("counter", {"lane"}),
     "modelplane_lane_rejected": ("counter", {"lane", "reason"}),
     "modelplane_lane_wait_seconds": ("histogram", {"lane"}),
+    "modelplane_lane_spilled": ("counter", {"reason"}),
     "modelplane_lane_in_flight_requests": ("gauge", {"lane"}),
     "modelplane_lane_queued_requests": ("gauge", {"lane"}),
     "modelplane_batch_api_requests": ("counter", {"operation", "status"}),
