@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,8 @@ from modelplane_operator.kube import KubeError
 NS = "team-a"
 API = "modelplane.io/v1alpha1"
 BUDGET_PATH = f"/apis/modelplane.io/v1alpha1/namespaces/{NS}/budgets/daily"
+#: A time inside the Budget period the tests write ("periodStart": 2026-03-13).
+IN_PERIOD = dt.datetime(2026, 3, 13, 12, tzinfo=dt.UTC)
 
 
 def objects() -> list[tuple[Any, dict[str, Any]]]:
@@ -157,6 +160,15 @@ class Member:
         for kind, body in watched:
             self.controller.observe(kind, "ADDED", body)
 
+    async def leading_with_books(self) -> Any:
+        """Observe the namespace, win the election, take the books over and reconcile: the
+        leader's ledger of the daily Budget."""
+        self.observe(objects())
+        await self.replica.elector.step()
+        await self.taken_over()
+        await self.controller.reconcile(NS)
+        return self.books.ledger(NS, "daily")
+
     async def taken_over(self) -> None:
         for _ in range(6000):
             if self.replica.keeps_budgets():
@@ -244,7 +256,7 @@ async def test_a_new_leader_starts_the_books_from_a_fresh_read_not_the_lagging_w
         watched = objects()
         watched[2][1]["status"] = {"periodStart": "2026-03-13T00:00:00Z", "spentUSD": 1.0}
         a.observe(watched)
-        a.books._clock = lambda: _in_period()  # type: ignore[method-assign]
+        a.books._clock = lambda: IN_PERIOD  # type: ignore[method-assign]
         await a.replica.elector.step()
         await a.taken_over()
 
@@ -257,23 +269,13 @@ async def test_a_new_leader_starts_the_books_from_a_fresh_read_not_the_lagging_w
         await close(a)
 
 
-def _in_period() -> Any:
-    import datetime as dt
-
-    return dt.datetime(2026, 3, 13, 12, tzinfo=dt.UTC)
-
-
 async def test_a_leader_that_loses_its_lease_while_writing_the_books_does_not_grant(
     clock: FakeClock,
 ) -> None:
     leases = FakeLeases()
     a = Member("a", leases, clock, fresh_budget({}))
     try:
-        a.observe(objects())
-        await a.replica.elector.step()
-        await a.taken_over()
-        await a.controller.reconcile(NS)
-        ledger = a.books.ledger(NS, "daily")
+        ledger = await a.leading_with_books()
         assert ledger is not None
         ledger.grant("p/1", 0.2)
 
@@ -308,11 +310,7 @@ async def test_a_books_write_that_lands_after_the_term_cannot_overwrite_the_next
     leases = FakeLeases()
     a = Member("a", leases, clock, fresh_budget({}))
     try:
-        a.observe(objects())
-        await a.replica.elector.step()
-        await a.taken_over()
-        await a.controller.reconcile(NS)
-        ledger = a.books.ledger(NS, "daily")
+        ledger = await a.leading_with_books()
         assert ledger is not None
 
         # A spec edit moved the Budget on: the leader's next write is refused once (409),
