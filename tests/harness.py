@@ -7,6 +7,7 @@ Servers run on an event loop in a background thread so that both the synchronous
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -20,7 +21,10 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from modelplane_sidecar.audit import AuditChain, AuditLog, generate_key
+from modelplane_sidecar.auditing import AuditTrail, Identity
 from modelplane_sidecar.config import parse_config
+from modelplane_sidecar.metrics import SidecarMetrics
 from modelplane_sidecar.server import HOLDER_KEY, SIDECAR_KEY, ConfigHolder, Sidecar, create_app
 from modelplane_sidecar.standins import start_site
 from modelplane_sidecar.standins.openai import OpenAIStandIn
@@ -78,6 +82,40 @@ class Router:
                 if sample.name == name and labels.items() <= sample.labels.items():
                     total += sample.value
         return total
+
+
+class KeptBytes(io.BytesIO):
+    """An audit sink whose bytes stay readable after AuditLog.close() closes it."""
+
+    def close(self) -> None:
+        pass
+
+
+class AuditedRouter(Router):
+    """A running sidecar whose audit trail (namespace team-a, pod p, ServiceAccount sa) is
+    written to `sink`, in memory."""
+
+    def __init__(self, servers: ServerThread, config: dict[str, Any]) -> None:
+        self.sink = KeptBytes()
+        self.metrics = SidecarMetrics()
+        chain = AuditChain(generate_key(), checkpoint_every=1000)
+        log = AuditLog(chain, self.sink, {"pod": "p"}, flush_interval=0.01)
+        trail = AuditTrail(log, Identity("team-a", "p", "sa"), self.metrics)
+        app = create_app(parse_config(config, "test config"), self.metrics, trail)
+        super().__init__(servers, app, servers.serve(app))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The request records written so far."""
+        return [r for r in complete_jsonl(self.sink.getvalue()) if r["type"] == "request"]
+
+    def wait_for(self, count: int) -> list[dict[str, Any]]:
+        """The request records once there are `count` (bounded wait: 30 s)."""
+        deadline = time.monotonic() + 30.0
+        while len(records := self.records()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(records)} audit records, expected {count}")
+            time.sleep(0.01)
+        return records
 
 
 class Upstreams:

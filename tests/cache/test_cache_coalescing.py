@@ -14,22 +14,16 @@ for (bounded), never read right after the app's last chunk.
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
-import orjson
 import pytest
-from harness import Router, ServerThread, Upstreams, chain_config, endpoint
+from harness import AuditedRouter, Router, Upstreams, chain_config, endpoint
 from redis_support import HeldGetReply, RedisServer
 
-from modelplane_sidecar.audit import AuditChain, AuditLog, generate_key
-from modelplane_sidecar.auditing import AuditTrail, Identity
 from modelplane_sidecar.cache.coalesce import Flights
 from modelplane_sidecar.config import parse_config
-from modelplane_sidecar.metrics import SidecarMetrics
-from modelplane_sidecar.server import create_app
 from modelplane_sidecar.standins.openai import Behaviour
 
 QUESTION = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
@@ -123,21 +117,11 @@ class Scene:
         release(self.upstreams, self.gate)
 
 
-class _KeptBytes(io.BytesIO):
-    def close(self) -> None:
-        """AuditLog.close() closes its sink; keep the bytes readable."""
-
-
 async def test_identical_requests_in_flight_share_one_upstream_call(upstreams: Upstreams) -> None:
     standin, url = upstreams.openai("a")
     raw = config(url)
     raw["endpoints"][0]["pricing"] = {"inputPerMtok": 5, "outputPerMtok": 15}
-    sink = _KeptBytes()
-    metrics = SidecarMetrics()
-    log = AuditLog(AuditChain(generate_key()), sink, {"pod": "p"}, flush_interval=0.01)
-    app = create_app(parse_config(raw), metrics, AuditTrail(log, Identity("team-a"), metrics))
-    servers: ServerThread = upstreams.servers
-    router = Router(servers, app, servers.serve(app))
+    router = AuditedRouter(upstreams.servers, raw)
     gate = asyncio.Event()
     standin.then(Behaviour(hold=gate))
     sdk = client(router)
@@ -186,12 +170,8 @@ async def test_identical_requests_in_flight_share_one_upstream_call(upstreams: U
     headers, again = await ask(sdk, "later")
     assert headers["x-modelplane-cache"] == "hit" and again.id == answer.id
 
-    def records() -> list[dict[str, Any]]:
-        lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
-        return [r for r in lines if r["type"] == "request"]
-
-    await until(lambda: len(records()) == 6, "six audit records")
-    by_id = {r["requestId"]: r for r in records()}
+    await until(lambda: len(router.records()) == 6, "six audit records")
+    by_id = {r["requestId"]: r for r in router.records()}
     assert by_id["leader"]["outcome"] == "ok" and by_id["leader"]["costUsd"] > 0
     assert "coalescedWith" not in by_id["leader"]
     for follower in ("plain-1", "plain-2", "stream-1", "stream-2"):

@@ -6,8 +6,6 @@ of an earlier one came from the cache.
 
 from __future__ import annotations
 
-import asyncio
-import io
 import time
 from typing import Any
 
@@ -15,13 +13,17 @@ import anthropic
 import openai
 import orjson
 import pytest
-from harness import HttpReply, Router, ServerThread, Upstreams, chain_config, endpoint, http
+from harness import (
+    AuditedRouter,
+    HttpReply,
+    Router,
+    Upstreams,
+    chain_config,
+    endpoint,
+    http,
+)
 
-from modelplane_sidecar.audit import AuditChain, AuditLog, generate_key
-from modelplane_sidecar.auditing import AuditTrail, Identity
 from modelplane_sidecar.config import parse_config
-from modelplane_sidecar.metrics import SidecarMetrics
-from modelplane_sidecar.server import create_app
 from modelplane_sidecar.standins.openai import Behaviour
 
 QUESTION = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
@@ -317,30 +319,14 @@ def test_anthropic_front_door_is_served_from_the_same_cache(upstreams: Upstreams
     assert len(standin.received) == 1
 
 
-class _KeptBytes(io.BytesIO):
-    def close(self) -> None:
-        """AuditLog.close() closes its sink; keep the bytes readable."""
-
-
 def test_a_hit_leaves_an_audit_record_with_no_cost(upstreams: Upstreams) -> None:
     standin, url = upstreams.openai("a")
     raw = config(url)
     raw["endpoints"][0]["pricing"] = {"inputPerMtok": 5, "outputPerMtok": 15}
-    sink = _KeptBytes()
-    metrics = SidecarMetrics()
-    log = AuditLog(AuditChain(generate_key()), sink, {"pod": "p"}, flush_interval=0.01)
-    app = create_app(parse_config(raw), metrics, AuditTrail(log, Identity("team-a"), metrics))
-    servers: ServerThread = upstreams.servers
-    router = Router(servers, app, servers.serve(app))
+    router = AuditedRouter(upstreams.servers, raw)
     ask(router)
     ask(router)
-    records: list[dict[str, Any]] = []
-    for _ in range(3000):
-        lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
-        records = [r for r in lines if r["type"] == "request"]
-        if len(records) == 2:
-            break
-        servers.run(asyncio.sleep(0.01))
+    records = router.wait_for(2)
     assert [r["outcome"] for r in records] == ["ok", "cache_hit"]
     served, hit = records
     assert served["costUsd"] > 0

@@ -10,53 +10,17 @@ compliance and unknown model: test_audit_trail.py, through `modelplane serve`.)
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
 import anthropic
 import openai
-import orjson
 import pytest
-from harness import ServerThread, Upstreams, chain_config, endpoint
+from harness import AuditedRouter, Upstreams, chain_config, endpoint
 
-from modelplane_sidecar.audit import AuditChain, AuditLog, generate_key, verify_lines
-from modelplane_sidecar.auditing import AuditTrail, Identity
-from modelplane_sidecar.config import parse_config
-from modelplane_sidecar.metrics import SidecarMetrics
-from modelplane_sidecar.server import create_app
+from modelplane_sidecar.audit import verify_lines
 from modelplane_sidecar.standins.openai import Behaviour
 
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-class KeptBytes(io.BytesIO):
-    def close(self) -> None:
-        """AuditLog.close() closes its sink; keep the bytes readable."""
-
-
-class AuditedRouter:
-    def __init__(self, servers: ServerThread, config: dict[str, Any]) -> None:
-        self.sink = KeptBytes()
-        self.metrics = SidecarMetrics()
-        chain = AuditChain(generate_key(), checkpoint_every=1000)
-        log = AuditLog(chain, self.sink, {"pod": "p"}, flush_interval=0.01)
-        trail = AuditTrail(log, Identity("team-a", "p", "sa"), self.metrics)
-        app = create_app(parse_config(config, "test"), self.metrics, trail)
-        self.servers = servers
-        self.url = f"http://127.0.0.1:{servers.serve(app)}"
-
-    def records(self) -> list[dict[str, Any]]:
-        entries = [orjson.loads(line) for line in self.sink.getvalue().splitlines()]
-        return [e for e in entries if e["type"] == "request"]
-
-    def wait_for(self, count: int) -> list[dict[str, Any]]:
-        """The first `count` records, once written (bounded wait: 30 s)."""
-        for _ in range(3000):
-            records = self.records()
-            if len(records) >= count:
-                return records
-            self.servers.run(asyncio.sleep(0.01))
-        raise AssertionError(f"{len(self.records())} audit records, expected {count}")
 
 
 @pytest.fixture
