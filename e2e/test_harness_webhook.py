@@ -6,81 +6,39 @@ and no kubelet, but the apiserver calls `clientConfig.url` and returns the mutat
 
 from __future__ import annotations
 
-import base64
 import json
-import ssl
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from admission_server import PatchingWebhook, serving
 from cluster import CertFiles, Cluster, CommandFailed
 
 ANNOTATION = "e2e.modelplane.io/injected"
 
 
-class AdmissionRecorder(ThreadingHTTPServer):
-    """Answers every AdmissionReview by adding ANNOTATION, and remembers what it was asked."""
-
-    def __init__(self, cert: CertFiles) -> None:
-        super().__init__(("127.0.0.1", 0), _AdmissionHandler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert.cert, cert.key)
-        self.socket = context.wrap_socket(self.socket, server_side=True)
-        self.ca_bundle = cert.ca_bundle
-        self.reviews: list[dict[str, Any]] = []
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.server_address[1]}/mutate"
-
-
-class _AdmissionHandler(BaseHTTPRequestHandler):
-    server: AdmissionRecorder
-
-    def do_POST(self) -> None:
-        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.reviews.append(review)
-        patch = [{"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION: "true"}}]
-        body = json.dumps(
-            {
-                "apiVersion": "admission.k8s.io/v1",
-                "kind": "AdmissionReview",
-                "response": {
-                    "uid": review["request"]["uid"],
-                    "allowed": True,
-                    "patchType": "JSONPatch",
-                    "patch": base64.b64encode(json.dumps(patch).encode()).decode(),
-                },
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep test output quiet
+def _annotate(review: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every Pod gets ANNOTATION."""
+    return [{"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION: "true"}}]
 
 
 @pytest.fixture
-def webhook_server(cluster: Cluster) -> Iterator[AdmissionRecorder]:
-    server = AdmissionRecorder(cluster.issue_serving_cert("e2e-webhook"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def webhook_cert(cluster: Cluster) -> CertFiles:
+    return cluster.issue_serving_cert("e2e-webhook")
+
+
+@pytest.fixture
+def webhook_server(webhook_cert: CertFiles) -> Iterator[PatchingWebhook]:
+    with serving(PatchingWebhook(webhook_cert.cert, webhook_cert.key, _annotate)) as server:
+        yield server
 
 
 @pytest.fixture
 def active_webhook(
-    cluster: Cluster, webhook_server: AdmissionRecorder, namespace: str
-) -> Iterator[AdmissionRecorder]:
+    cluster: Cluster, webhook_server: PatchingWebhook, webhook_cert: CertFiles, namespace: str
+) -> Iterator[PatchingWebhook]:
     """The webhook server, registered for Pod CREATE in `namespace` and already being called."""
     # Unique per run and scoped to the test namespace: a leftover failurePolicy=Fail webhook
     # would block every Pod in the cluster.
@@ -94,7 +52,7 @@ def active_webhook(
                 "name": "inject.e2e.modelplane.io",
                 "clientConfig": {
                     "url": webhook_server.url,
-                    "caBundle": webhook_server.ca_bundle,
+                    "caBundle": webhook_cert.ca_bundle,
                 },
                 "rules": [
                     {
@@ -145,7 +103,7 @@ def wait_until_webhook_active(cluster: Cluster, namespace: str) -> None:
 
 
 def test_webhook_mutates_pod_on_create(
-    cluster: Cluster, namespace: str, active_webhook: AdmissionRecorder
+    cluster: Cluster, namespace: str, active_webhook: PatchingWebhook
 ) -> None:
     created = cluster.kubectl_json("create", "-n", namespace, "-f", "-", input=pod("app"))
 
@@ -160,7 +118,7 @@ def test_webhook_mutates_pod_on_create(
 
 
 def test_pod_create_fails_when_the_webhook_is_down(
-    cluster: Cluster, namespace: str, active_webhook: AdmissionRecorder
+    cluster: Cluster, namespace: str, active_webhook: PatchingWebhook
 ) -> None:
     active_webhook.shutdown()
     active_webhook.server_close()

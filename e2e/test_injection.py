@@ -13,8 +13,9 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from admission_server import serving
 from cluster import Cluster, CommandFailed
-from eks_webhook import IRSA, IRSA_DIR, EksWebhook, eks_patch, serving
+from eks_webhook import IRSA, IRSA_DIR, EksWebhook, eks_patch
 from injection_helpers import (
     RUN_LABEL,
     Install,
@@ -352,7 +353,8 @@ def test_eks_credentials_reach_the_sidecar_whichever_webhook_runs_first(
     # its business), so they came from the injector called again (reinvocationPolicy IfNeeded).
     # (Called once; a call the apiserver might retry would have been sent the same Pod.)
     assert eks.reviews
-    for seen in eks.reviews:
+    for review in eks.reviews:
+        seen = review["request"]["object"]
         if first == "eks-first":
             assert sidecars(seen) == []
         else:

@@ -14,17 +14,12 @@ plays a webhook that touches the app containers only (an older build, a Pod anno
 
 from __future__ import annotations
 
-import base64
 import copy
-import json
-import ssl
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from admission_server import PatchingWebhook
 
 REGION = "eu-central-1"
 ROLE_ARN = "arn:aws:iam::111122223333:role/bedrock-caller"
@@ -112,59 +107,16 @@ def eks_patch(
     return patch
 
 
-class EksWebhook(ThreadingHTTPServer):
-    """The stand-in served over HTTPS on 127.0.0.1; `reviews` holds the Pods it was sent."""
+class EksWebhook(PatchingWebhook):
+    """The stand-in served over HTTPS on 127.0.0.1; `reviews` holds the reviews it was sent."""
 
     def __init__(
         self, cert: Path, key: Path, identity: Identity = IRSA, *, init_containers: bool = True
     ) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self.socket = context.wrap_socket(self.socket, server_side=True)
+        super().__init__(cert, key, self._patch)
         self.identity = identity
         self.init_containers = init_containers
-        self.reviews: list[dict[str, Any]] = []
 
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.server_address[1]}/mutate"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: EksWebhook
-
-    def do_POST(self) -> None:
-        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def _patch(self, review: dict[str, Any]) -> list[dict[str, Any]]:
         pod = review["request"]["object"]
-        self.server.reviews.append(copy.deepcopy(pod))
-        patch = eks_patch(pod, self.server.identity, init_containers=self.server.init_containers)
-        response = {
-            "uid": review["request"]["uid"],
-            "allowed": True,
-            "patchType": "JSONPatch",
-            "patch": base64.b64encode(json.dumps(patch).encode()).decode(),
-        }
-        body = json.dumps(
-            {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep test output quiet
-
-
-@contextmanager
-def serving(server: EksWebhook) -> Iterator[EksWebhook]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        return eks_patch(pod, self.identity, init_containers=self.init_containers)
