@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,16 +106,11 @@ class AuditedRouter(Router):
 
     def records(self) -> list[dict[str, Any]]:
         """The request records written so far."""
-        return [r for r in complete_jsonl(self.sink.getvalue()) if r["type"] == "request"]
+        return request_records(self.sink.getvalue())
 
     def wait_for(self, count: int) -> list[dict[str, Any]]:
         """The request records once there are `count` (bounded wait: 30 s)."""
-        deadline = time.monotonic() + 30.0
-        while len(records := self.records()) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(records)} audit records, expected {count}")
-            time.sleep(0.01)
-        return records
+        return wait_for_records(self.sink.getvalue, count)
 
 
 class Upstreams:
@@ -186,15 +181,22 @@ def complete_jsonl(data: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
 
 
-def audit_requests(path: Path, count: int) -> list[dict[str, Any]]:
-    """The request records of the audit file at `path` once there are `count` of them (a bounded
-    wait, 30 s at most, for the sidecar's batched writes)."""
-    records: list[dict[str, Any]] = []
+def request_records(data: bytes) -> list[dict[str, Any]]:
+    """The audit request records among `data`'s complete lines."""
+    return [r for r in complete_jsonl(data) if r["type"] == "request"]
+
+
+def wait_for_records(read: Callable[[], bytes], count: int) -> list[dict[str, Any]]:
+    """The audit request records in what `read()` returns, once there are `count` of them (a
+    bounded wait, 30 s at most, for the sidecar's batched writes)."""
     deadline = time.monotonic() + 30.0
-    while True:
-        records = [r for r in complete_jsonl(path.read_bytes()) if r["type"] == "request"]
-        if len(records) >= count:
-            return records
+    while len(records := request_records(read())) < count:
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(records)} audit records written, expected {count}")
         time.sleep(0.01)
+    return records
+
+
+def audit_requests(path: Path, count: int) -> list[dict[str, Any]]:
+    """The request records of the audit file at `path` once there are `count` of them."""
+    return wait_for_records(path.read_bytes, count)
