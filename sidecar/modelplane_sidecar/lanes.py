@@ -29,7 +29,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .config import LaneName, LaneSettings, ModelAlias
-from .errors import ApiError, bad_request
+from .errors import ApiError
 from .metrics import SidecarMetrics
 from .routing import RouteDecision, RoutedRequest
 from .routing.filters import Removal
@@ -243,40 +243,11 @@ class LaneGate:
         self._lanes = {name: Lane(name) for name in LaneName}
         self.metrics = LaneMetrics(metrics)
         metrics.registry.register(_LaneState(self._lanes))
-        self._rules: dict[str, Mapping[str, LaneName]] = {}
         #: Batch requests in flight per endpoint (the one each was admitted for).
         self._batch_at: dict[str, int] = {}
 
     def lane(self, name: LaneName) -> Lane:
         return self._lanes[name]
-
-    def _rule_lanes(self, snapshot: Snapshot) -> Mapping[str, LaneName]:
-        found = self._rules.get(snapshot.version)
-        if found is None:
-            if len(self._rules) >= 4:
-                self._rules.pop(next(iter(self._rules)))
-            rules = snapshot.config.rules
-            found = self._rules[snapshot.version] = {r.name: r.lane for r in rules if r.lane}
-        return found
-
-    def lane_for(
-        self, snapshot: Snapshot, request: RoutedRequest, alias: ModelAlias, route: str
-    ) -> LaneName:
-        """The rule's lane, else the alias's, else the request header's, else real-time."""
-        lane = self._rule_lanes(snapshot).get(route) or alias.lane
-        if lane is not None:
-            return lane
-        header = snapshot.config.lanes.header
-        raw = request.headers.get(header)
-        if raw is None:
-            return LaneName.REALTIME
-        try:
-            return LaneName(raw.strip().lower())
-        except ValueError:
-            raise bad_request(
-                f"Header {header} must be realtime or batch (got {raw.strip()[:40]!r})",
-                param=header,
-            ) from None
 
     def limited(self, snapshot: Snapshot, lane: LaneName) -> bool:
         """Whether requests of `lane` need admission (an unlimited real-time lane does not)."""

@@ -364,10 +364,7 @@ class Sidecar:
     ) -> RouteDecision | None:
         """A batch request that routing refused because every candidate is at its limit waits
         in the batch queue for room (lanes.py); None: `error` stands."""
-        alias = snapshot.aliases.get(routed.model)
-        if error.code != "rate_limit_exceeded" or trace.route is None or alias is None:
-            return None
-        if self.lanes.lane_for(snapshot, routed, alias, trace.route.name) is not LaneName.BATCH:
+        if error.code != "rate_limit_exceeded" or trace.lane is not LaneName.BATCH:
             return None
         return await self.lanes.wait_for_route(snapshot, lambda: decide(snapshot, routed))
 
@@ -380,7 +377,7 @@ class Sidecar:
         cache = None
         if found is not None:
             cache = self.cache.plan(snapshot, routed, alias, route, found.sensitivity)
-        lane = self.lanes.lane_for(snapshot, routed, alias, route)
+        lane = decision.lane
         if cache is not None:
             cache.lane = lane.value
         if not self.lanes.limited(snapshot, lane):

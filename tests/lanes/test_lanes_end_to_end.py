@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from aiohttp import web
-from harness import Router, Upstreams, endpoint
+from harness import Router, Upstreams, endpoint, http
 
 from modelplane_sidecar.config import RouterConfig
 from modelplane_sidecar.standins.openai import Behaviour, OpenAIStandIn
@@ -90,6 +91,11 @@ def test_batch_requests_go_cheapest_first_realtime_keeps_the_route(upstreams: Up
     assert raw.headers["x-modelplane-endpoint"] == "llama"
     assert router.metric("modelplane_lane_admitted_total", lane="batch") == 1
     assert router.metric("modelplane_lane_admitted_total", lane="realtime") == 0
+    # The explain trace says which lane routing put the request in.
+    body = orjson.dumps({"model": "chat", "messages": HELLO})
+    for headers, lane in (({}, "realtime"), (BATCH, "batch")):
+        reply = http("POST", router.url + "/v1/modelplane/explain", body, **headers)
+        assert reply.status_code == 200 and reply.json()["lane"] == lane
 
 
 def test_a_rule_or_an_alias_puts_requests_in_the_batch_lane(upstreams: Upstreams) -> None:

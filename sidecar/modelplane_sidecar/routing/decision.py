@@ -18,7 +18,7 @@ from typing import Any
 from multidict import CIMultiDictProxy
 
 from ..config import LaneName, ModelAlias, RouterConfig, Rule, Strategy
-from ..errors import ApiError
+from ..errors import ApiError, bad_request
 from ..providers.base import Operation
 from ..runtime import EndpointRuntime, Snapshot
 from .classify import Classification, classify
@@ -66,6 +66,8 @@ class DecisionTrace:
     replicas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     budget: str = ""
     order: list[str] = field(default_factory=list)
+    #: The request's strategy lane, once its rule is known.
+    lane: LaneName | None = None
     error: ApiError | None = None
     micros: float = 0.0
 
@@ -77,6 +79,7 @@ class DecisionTrace:
             "rules": [check.as_json() for check in self.rules],
             "rule": route.name if route is not None else None,
             "strategy": route.strategy.value if route is not None else None,
+            "lane": self.lane.value if self.lane is not None else None,
             "considered": self.considered,
             "removed": [r.as_json() for r in self.removed],
             "pick": self.pick,
@@ -116,6 +119,8 @@ class RouteDecision:
     hold: CapacityHold | None = None
     #: What overflow did: "" (pool had capacity, or no overflow), "spilled" or "held".
     overflow: str = ""
+    #: The strategy lane the request runs in (lanes.py).
+    lane: LaneName = LaneName.REALTIME
 
 
 def operation_for(body: dict[str, Any], wanted: str | None = None) -> Operation:
@@ -202,16 +207,25 @@ def route_table(snapshot: Snapshot) -> RouteTable:
     )
 
 
-def _batch(
+def request_lane(
     config: RouterConfig, request: RoutedRequest, alias: ModelAlias, rule: Rule | None
-) -> bool:
-    """Whether the request is in the batch lane: as `LaneGate.lane_for` (the rule's lane, else
-    the alias's, else the app's header; an invalid header is its 400, not this)."""
+) -> LaneName:
+    """The request's strategy lane (lanes.py): the rule's, else the alias's, else the one the
+    app's header asks for, else real-time. An invalid header is a 400."""
     lane = (rule.lane if rule is not None else None) or alias.lane
     if lane is not None:
-        return lane is LaneName.BATCH
-    raw = request.headers.get(config.lanes.header)
-    return raw is not None and raw.strip().lower() == LaneName.BATCH.value
+        return lane
+    header = config.lanes.header
+    raw = request.headers.get(header)
+    if raw is None:
+        return LaneName.REALTIME
+    try:
+        return LaneName(raw.strip().lower())
+    except ValueError:
+        raise bad_request(
+            f"Header {header} must be realtime or batch (got {raw.strip()[:40]!r})",
+            param=header,
+        ) from None
 
 
 def _run(
@@ -234,6 +248,7 @@ def _run(
     )
     prepared = table.aliases[alias.name] if rule is None else table.rules[rule.name]
     route = trace.route = prepared.route
+    lane = trace.lane = request_lane(config, request, alias, rule)
     candidates = list(prepared.candidates)
     trace.considered = list(prepared.names)
     if explaining:
@@ -252,7 +267,7 @@ def _run(
         config.budget,
         rng,
         config.budgets,
-        _batch(config, request, alias, rule),
+        lane is LaneName.BATCH,
     )
     unavailable: ApiError | None = None
     try:
@@ -294,6 +309,7 @@ def _run(
         trace,
         hold,
         overflowed,
+        lane,
     )
 
 
