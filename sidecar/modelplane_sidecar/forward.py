@@ -493,9 +493,7 @@ class Forwarder:
     async def _call(self, ex: Exchange, endpoint: EndpointRuntime, remaining: float) -> Translated:
         cfg = endpoint.config
         timeout = self._timeout_for(endpoint, ex, remaining)
-        credentials = endpoint.credentials
-        if credentials.refreshing is not None:
-            credentials = await credentials.refreshing.current(timeout)
+        credentials = await endpoint.credentials.current(timeout)
         req = endpoint.adapter.build_request(
             cfg, credentials, ex.request.op, ex.request.body, False
         )
@@ -528,7 +526,7 @@ class Forwarder:
             ) from None
         except aiohttp.ClientError as exc:
             _replica_failed(ex, replica, connect=True)
-            raise _connection_failure(exc) from None
+            raise connection_failure(exc) from None
         finally:
             endpoint.state.in_flight -= 1
             if replica is not None:
@@ -546,9 +544,7 @@ class Forwarder:
         """Open the upstream stream and read until the first bytes for the app exist."""
         cfg = endpoint.config
         timeout = self._timeout_for(endpoint, ex, remaining)
-        credentials = endpoint.credentials
-        if credentials.refreshing is not None:
-            credentials = await credentials.refreshing.current(timeout)
+        credentials = await endpoint.credentials.current(timeout)
         req = endpoint.adapter.build_request(cfg, credentials, ex.request.op, ex.request.body, True)
         resp: aiohttp.ClientResponse | None = None
         url, replica = self._take_replica(ex, endpoint, req.url)
@@ -599,7 +595,7 @@ class Forwarder:
                 ) from None
             if isinstance(exc, aiohttp.ClientError):
                 _replica_failed(ex, replica, connect=True)
-                raise _connection_failure(exc) from None
+                raise connection_failure(exc) from None
             raise
 
     def _take_replica(
@@ -670,7 +666,7 @@ class Forwarder:
             except UpstreamFailure as exc:
                 broken = exc
             except aiohttp.ClientPayloadError as exc:
-                broken = _connection_failure(exc)
+                broken = connection_failure(exc)
             if broken is not None:
                 outcome = Outcome.STREAM_ERROR
                 message = ex.snapshot.redact(broken.message.encode()).decode()
@@ -901,7 +897,8 @@ def connect_timed_out(seconds: float) -> UpstreamFailure:
     )
 
 
-def _connection_failure(exc: aiohttp.ClientError) -> UpstreamFailure:
+def connection_failure(exc: aiohttp.ClientError) -> UpstreamFailure:
+    """What an aiohttp client error means for routing: the upstream could not be reached."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or type(exc.os_error).__name__
         return UpstreamFailure(

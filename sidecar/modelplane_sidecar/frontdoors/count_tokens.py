@@ -30,7 +30,7 @@ from prometheus_client import Counter
 
 from ..auditing import AuditTrail, RequestEnd
 from ..errors import ApiError
-from ..forward import connect_timed_out
+from ..forward import connect_timed_out, connection_failure
 from ..metrics import Outcome, SidecarMetrics
 from ..providers.base import FailureKind, Operation, TokenCounter, UpstreamFailure
 from ..routing import DecisionTrace, RoutedRequest, decide
@@ -218,9 +218,7 @@ async def _count(
     assert isinstance(adapter, TokenCounter)
     cfg = endpoint.config
     timeout = cfg.timeouts.request_seconds
-    credentials = endpoint.credentials
-    if credentials.refreshing is not None:
-        credentials = await credentials.refreshing.current(timeout)
+    credentials = await endpoint.credentials.current(timeout)
     request = adapter.count_tokens_request(cfg, credentials, dict(chat))
     try:
         async with (
@@ -243,7 +241,7 @@ async def _count(
             FailureKind.TIMEOUT, f"no answer to the token count within {timeout:g}s"
         ) from None
     except aiohttp.ClientError as exc:
-        raise UpstreamFailure(FailureKind.CONNECT, f"cannot reach the endpoint: {exc}") from None
+        raise connection_failure(exc) from None
     if status >= 300:
         raise endpoint.adapter.classify_error(cfg, status, response_headers, data)
     return adapter.count_tokens_result(data)

@@ -84,6 +84,13 @@ class Credentials:
     #: current ones before every attempt, and hands those to `build_request`.
     refreshing: RefreshingCredentials | None = field(default=None, repr=False)
 
+    async def current(self, wait_seconds: float) -> Credentials:
+        """The credentials to sign a request with now: these, or the refreshing ones' current
+        keys (waiting at most `wait_seconds` for a refresh that must finish first)."""
+        if self.refreshing is None:
+            return self
+        return await self.refreshing.current(wait_seconds)
+
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in here, to scrub from anything an upstream echoes back."""
         found = [self.api_key]
